@@ -1,0 +1,290 @@
+"""Command line: ``contrastiveseg <command>`` or ``python -m ContrastiveSegLib <command>``.
+
+Exit status: 0 on success (also after a cooperative stop), 2 for bad input
+(the message says which file, what is wrong and what to do), 1 for any
+other failure.  Both are also written as an ``error`` event when a run folder
+is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+import warnings
+from typing import List, Optional
+
+from .errors import InputError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _add_common_training_arguments(parser: argparse.ArgumentParser, default_steps: int) -> None:
+    parser.add_argument("--out", required=True, metavar="RUN", help="run folder to create (or continue with --resume)")
+    parser.add_argument("--model", choices=["unetr", "unet"], default="unetr",
+                        help="backbone: UNETR (the papers') or a light convolutional U-Net for CPUs (default: unetr)")
+    parser.add_argument("--model-size", choices=["tiny", "small", "base"], default="base",
+                        help="network width: base = UNETR paper (ViT-B/16); small for CPUs; tiny for tests (default: base)")
+    parser.add_argument("--patch", default="96", help="training patch in voxels, multiples of 16: 96 or 96,96,64 (default: 96)")
+    parser.add_argument("--spacing", default="1.5,1.5,2.0", metavar="SX,SY,SZ",
+                        help="voxel spacing in mm the volumes are resampled to (default: 1.5,1.5,2.0)")
+    parser.add_argument("--intensity", choices=["ct_window", "percentile"], default="ct_window",
+                        help="ct_window: clip to --window HU and scale to [0,1]; percentile: 0.5-99.5 %% (MR)")
+    parser.add_argument("--window", default="-150,250", metavar="LOW,HIGH", help="CT window in HU (default: -150,250)")
+    parser.add_argument("--max-steps", type=int, default=default_steps, help=f"optimisation steps (default: {default_steps})")
+    parser.add_argument("--batch-size", type=int, default=2, help="patches per step and GPU (default: 2)")
+    parser.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimisation step (default: 1)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    parser.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default: 1e-5)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up before the cosine decay (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes (default: 2)")
+    parser.add_argument("--val-every", type=int, default=200, help="steps between validations (default: 200)")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints/last.pt writes (default: 200)")
+    parser.add_argument("--cache-dir", default=None, help="keep preprocessed volumes here between runs (default: memory only)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    parser.add_argument("--events-stdout", action="store_true",
+                        help="also print every event as one JSON line on stdout (progress bar on stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="contrastiveseg", description=(
+        "ContrastiveSeg: contrastive pre-training and few-label fine-tuning of CT organ segmentation."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    demo = commands.add_parser("demo", help="fine-tune on the sample CT, predict a held-out patient, report Dice",
+                               description="Fine-tune a small network on the shipped sample CT on the CPU, predict "
+                                           "a second (held-out) patient, print per-organ Dice and write an overlay PNG.")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (for CI): under 2 minutes on 2 CPU cores")
+    demo.add_argument("--out", default="demo-output", help="output folder (default: ./demo-output)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    demo.add_argument("--max-steps", type=int, default=None, help="override the number of training steps")
+
+    finetune = commands.add_parser("finetune", help="train a segmentation network on labelled scans",
+                                   description="Supervised fine-tuning (Dice + CE, AdamW, cosine schedule) from a "
+                                               "pre-trained checkpoint (--init) or from scratch (without --init).")
+    finetune.add_argument("--data", action="append", required=True, metavar="SPEC",
+                          help="a dataset: dataset.json, or a folder with dataset.json or images/ + labels/ (repeatable)")
+    finetune.add_argument("--val-data", action="append", default=[], metavar="SPEC",
+                          help="dataset(s) used only for validation (default: a held-out share of --data)")
+    finetune.add_argument("--labels", required=True, metavar="NAMES",
+                          help="target organs by name, comma-separated: liver,spleen (output classes 1..K in this order)")
+    finetune.add_argument("--labeled-fraction", type=float, default=1.0,
+                          help="share of the training cases to use, whole cases, seeded (default: 1.0)")
+    finetune.add_argument("--folds", type=int, default=0, help="k of a k-fold split (0: none)")
+    finetune.add_argument("--fold", type=int, default=0, help="which fold validates (0-based)")
+    finetune.add_argument("--init", default=None, metavar="CKPT", help="initialise the encoder from this checkpoint")
+    _add_common_training_arguments(finetune, default_steps=2000)
+
+    predict = commands.add_parser("predict", help="segment an image with a trained run",
+                                  description="Sliding-window prediction, written on the input image's own grid.")
+    predict.add_argument("--model", required=True, metavar="RUN", help="a finetune run folder, or a checkpoint file")
+    predict.add_argument("--image", required=True, help="NIfTI / NRRD / MetaImage file or DICOM series folder")
+    predict.add_argument("--out", required=True, help="labelmap to write: .nii.gz, .nrrd or .seg.nrrd (named, coloured segments)")
+    predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    predict.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
+    predict.add_argument("--tta", action="store_true", help="average over flipped copies (8x slower)")
+    predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default: best)")
+
+    evaluate = commands.add_parser("evaluate", help="per-organ Dice of a prediction against a reference",
+                                   description="Per-organ Dice (and optionally HD95), labels matched by name, on the reference grid.")
+    evaluate.add_argument("--pred", required=True, help="predicted labelmap")
+    evaluate.add_argument("--ref", required=True, help="reference labelmap (or .seg.nrrd)")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="RUN", help="take the prediction's label names from this run folder")
+    source.add_argument("--labels", metavar="JSON", help="a labels.json naming the prediction's values")
+    evaluate.add_argument("--ref-labels", metavar="JSON", help="a labels.json / dataset.json naming the reference's values "
+                                                                "(default: the same names as the prediction)")
+    evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
+    evaluate.add_argument("--hd95", action="store_true", help="also compute the 95th-percentile Hausdorff distance (mm)")
+
+    commands.add_parser("info", help="versions, CUDA and devices")
+    return parser
+
+
+def _training_config(args: argparse.Namespace, command: str):
+    from .config import RunConfig
+    from .data.labels import parse_target_names
+    from .finetune import parse_patch, parse_spacing
+
+    config = RunConfig(command=command)
+    config.model.architecture = args.model
+    config.model.size = args.model_size
+    config.model.patch_size = parse_patch(args.patch)
+    config.preprocess.spacing = parse_spacing(args.spacing)
+    config.preprocess.intensity = args.intensity
+    try:
+        low, high = (float(v) for v in args.window.split(","))
+    except ValueError:
+        raise InputError(f"{args.window!r} is not LOW,HIGH", path="--window", fix="write e.g. --window -150,250") from None
+    config.preprocess.window = (low, high)
+    train = config.train
+    for name in ("max_steps", "batch_size", "grad_accumulation", "lr", "weight_decay", "warmup_steps", "seed",
+                 "num_workers", "val_every", "checkpoint_every"):
+        setattr(train, name, getattr(args, name))
+    train.amp = not args.no_amp
+    if train.max_steps < 1 or train.batch_size < 1 or train.grad_accumulation < 1:
+        raise InputError("--max-steps, --batch-size and --grad-accumulation must be at least 1", path="command line")
+    config.device = args.device
+    config.data.cache_dir = args.cache_dir
+    if command == "finetune":
+        config.data.datasets = list(args.data)
+        config.data.val_datasets = list(args.val_data)
+        config.data.labels = parse_target_names(args.labels)
+        if not 0.0 < args.labeled_fraction <= 1.0:
+            raise InputError(f"{args.labeled_fraction} is not in (0, 1]", path="--labeled-fraction")
+        config.data.labeled_fraction = args.labeled_fraction
+        config.data.folds, config.data.fold = args.folds, args.fold
+        if args.folds and not 0 <= args.fold < args.folds:
+            raise InputError(f"fold {args.fold} does not exist with --folds {args.folds}", path="--fold")
+        config.init_checkpoint = args.init
+    return config
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import run_finetune
+
+    config = _training_config(args, "finetune")
+    summary = run_finetune(config, args.out, resume=args.resume, events_stdout=args.events_stdout)
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = "stopped" if summary["stopped"] else "finished"
+        best = summary.get("best_mean_dice")
+        print(f"{state} at step {summary['step']} in {summary['seconds']:.0f} s"
+              + (f"; best validation mean Dice {best:.4f}" if best is not None else ""), file=sys.stderr)
+        print(f"run folder: {summary['run_dir']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_predict(args) -> int:
+    from .data.io import write_labelmap
+    from .engine.device import choose_device
+    from .engine.inference import load_model, predict_image
+    from .engine.runfolder import check_writable_folder
+    from .report.colors import colors_for
+
+    if not 0.0 <= args.overlap < 1.0:
+        raise InputError(f"{args.overlap} is not in [0, 1)", path="--overlap")
+    check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
+    model = load_model(args.model, choose_device(args.device), checkpoint=args.checkpoint)
+    labels, _ = predict_image(model, args.image, overlap=args.overlap, flip_tta=args.tta)
+    names = {value: name for value, name in model.labels.items() if value != 0}
+    write_labelmap(args.out, labels, _, names=names, colors=colors_for(list(names.values())))
+    present = sorted(int(v) for v in set(labels.reshape(-1).tolist()) if v)
+    print(f"wrote {args.out} ({', '.join(names[v] for v in present) or 'no organ found'})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_evaluate(args) -> int:
+    from .engine.runfolder import RunFolder, load_label_table, write_json_atomic
+    from .evaluate import evaluate_files, format_table
+
+    if args.model:
+        pred_names = load_label_table(RunFolder(args.model).labels)
+    else:
+        pred_names = load_label_table(args.labels)
+    ref_names = None
+    if args.ref_labels:
+        ref_names = _label_table_from_any(args.ref_labels)
+    metrics = evaluate_files(args.pred, args.ref, pred_names, ref_names, with_hd95=args.hd95)
+    print(format_table(metrics))
+    if args.out:
+        write_json_atomic(args.out, metrics)
+    return EXIT_OK
+
+
+def _label_table_from_any(path: str):
+    """A labels.json, or a dataset.json's "labels" (either direction)."""
+    from .engine.runfolder import load_label_table
+
+    with open(path, "r", encoding="utf-8") as handle:
+        raw = json.load(handle)
+    if isinstance(raw, dict) and isinstance(raw.get("labels"), dict):
+        from .data.labels import parse_label_map
+
+        table = {}
+        for name, values in parse_label_map(raw["labels"], path).items():
+            for value in values:
+                table[value] = name
+        return table
+    return load_label_table(path)
+
+
+def _cmd_info(args) -> int:
+    import torch
+
+    from .config import software_versions
+
+    for key, value in software_versions().items():
+        print(f"{key:12s} {value}")
+    print(f"{'cuda ok':12s} {torch.cuda.is_available()}")
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        print(f"{'gpu ' + str(index):12s} {props.name}, {props.total_memory / 2**30:.1f} GiB")
+    print(f"{'cpu threads':12s} {torch.get_num_threads()}")
+    return EXIT_OK
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, device=args.device, max_steps=args.max_steps)
+    return EXIT_OK
+
+
+COMMANDS = {"finetune": _cmd_finetune, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "info": _cmd_info,
+            "demo": _cmd_demo}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _record_error(args, message: str, kind: str) -> None:
+    """Append an ``error`` event to the run folder, if this command has one that exists."""
+    out = getattr(args, "out", None)
+    if args.command not in ("finetune", "pretrain", "selftrain") or not out or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not os.path.isdir(out):
+        return
+    from .engine.events import EventLog
+
+    EventLog(os.path.join(out, "events.jsonl"), to_stdout=getattr(args, "events_stdout", False)).emit(
+        "error", message=message, kind=kind)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .engine.allocator import tune_glibc_malloc
+
+    tune_glibc_malloc()
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as error:
+        message = error.format()
+        print(f"error: {message}", file=sys.stderr)
+        _record_error(args, message, "input")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        _record_error(args, "interrupted", "internal")
+        return EXIT_FAILURE
+    except Exception as error:  # the traceback is for bug reports; the event carries the message
+        traceback.print_exc()
+        _record_error(args, f"{type(error).__name__}: {error}", "internal")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

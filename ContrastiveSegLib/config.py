@@ -1,0 +1,152 @@
+"""Typed settings of a run, saved as ``RUN/config.json`` so any result can be rerun.
+
+The dataclasses are plain data: they hold no paths to open files, no tensors
+and no behaviour beyond conversion to and from JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+# Model sizes by name. "tiny" exists for tests, "small" for CPUs and demos,
+# "base" is the configuration of the UNETR paper (ViT-B/16, feature size 16).
+UNETR_SIZES: Dict[str, Dict[str, int]] = {
+    "tiny": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 2},
+    "small": {"feature_size": 8, "hidden_size": 192, "mlp_dim": 768, "num_heads": 4},
+    "base": {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12},
+}
+UNET_SIZES: Dict[str, Tuple[int, ...]] = {
+    "tiny": (4, 4, 8, 16, 32, 4),
+    "small": (16, 16, 32, 64, 128, 16),
+    "base": (32, 32, 64, 128, 256, 32),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which network, how big, for which patch size and number of classes."""
+
+    architecture: str = "unetr"          # "unetr" or "unet" (the light convolutional U-Net)
+    size: str = "base"                   # "tiny" | "small" | "base" (see UNETR_SIZES / UNET_SIZES)
+    in_channels: int = 1
+    out_channels: int = 2                # classes including background
+    patch_size: Tuple[int, int, int] = (96, 96, 96)
+
+    def validate(self) -> None:
+        if self.architecture not in ("unetr", "unet"):
+            raise ValueError(f"unknown architecture {self.architecture!r}: choose 'unetr' or 'unet'")
+        if self.size not in UNETR_SIZES:
+            raise ValueError(f"unknown model size {self.size!r}: choose one of {sorted(UNETR_SIZES)}")
+        if any(int(p) % 16 for p in self.patch_size):
+            raise ValueError(f"patch size {tuple(self.patch_size)} must be a multiple of 16 on every axis "
+                             "(both networks downsample four times)")
+
+
+@dataclass
+class PreprocessConfig:
+    """How every volume is brought to the network's grid and intensity range."""
+
+    spacing: Tuple[float, float, float] = (1.5, 1.5, 2.0)   # mm, in RAS axis order (x, y, z)
+    orientation: str = "RAS"
+    intensity: str = "ct_window"       # "ct_window" (clip + scale) or "percentile" (MR)
+    window: Tuple[float, float] = (-150.0, 250.0)             # HU mapped to [0, 1]
+    percentiles: Tuple[float, float] = (0.5, 99.5)            # for intensity = "percentile"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run."""
+
+    max_steps: int = 2000
+    batch_size: int = 2
+    grad_accumulation: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    val_every: int = 200                 # steps between validations (0: only at the end)
+    checkpoint_every: int = 200          # steps between last.pt writes
+    amp: bool = True                     # mixed precision, CUDA only
+    seed: int = 0
+    num_workers: int = 2
+    foreground_ratio: float = 0.67       # share of patches centred on a labelled voxel
+    sw_overlap: float = 0.25             # sliding-window overlap for validation
+
+
+@dataclass
+class DataConfig:
+    """Which datasets, which organs, and which cases train or validate."""
+
+    datasets: List[str] = field(default_factory=list)     # dataset specs as given on the command line
+    val_datasets: List[str] = field(default_factory=list)
+    labels: List[str] = field(default_factory=list)       # canonical target names, in output order
+    labeled_fraction: float = 1.0
+    folds: int = 0                        # 0: no k-fold split; validation from val_datasets or a held-out share
+    fold: int = 0
+    val_fraction: float = 0.2             # share of cases held out when no val dataset and no folds
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    """Everything ``RUN/config.json`` stores."""
+
+    command: str = "finetune"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: str = "auto"
+    init_checkpoint: Optional[str] = None
+    method: Dict[str, Any] = field(default_factory=dict)  # method-specific settings (pre-training)
+    versions: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
+        def build(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            kwargs = {k: v for k, v in values.items() if k in names}
+            for f in dataclasses.fields(kind):
+                if f.name in kwargs and isinstance(kwargs[f.name], list) and "Tuple" in str(f.type):
+                    kwargs[f.name] = tuple(kwargs[f.name])
+            return kind(**kwargs)
+
+        return cls(
+            command=data.get("command", "finetune"),
+            model=build(ModelConfig, data.get("model", {})),
+            preprocess=build(PreprocessConfig, data.get("preprocess", {})),
+            train=build(TrainConfig, data.get("train", {})),
+            data=build(DataConfig, data.get("data", {})),
+            device=data.get("device", "auto"),
+            init_checkpoint=data.get("init_checkpoint"),
+            method=dict(data.get("method", {})),
+            versions=dict(data.get("versions", {})),
+        )
+
+
+def software_versions() -> Dict[str, str]:
+    """Versions of the packages a result depends on, for config.json and ``info``."""
+    import platform
+
+    import monai
+    import numpy
+    import SimpleITK
+    import torch
+
+    from . import __version__
+
+    # str() matters: torch.__version__ is a str subclass that weights_only loading refuses.
+    versions = {
+        "contrastiveseg": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "SimpleITK": SimpleITK.Version_VersionString(),
+        "cuda": torch.version.cuda,
+    }
+    return {key: str(value) for key, value in versions.items()}

@@ -1,0 +1,158 @@
+"""Training patches, drawn so that a run can be resumed exactly.
+
+Sample ``i`` of a run is drawn from a generator seeded with ``(seed, i)``: it
+does not depend on what was drawn before, on the number of data-loader
+workers, or on whether the run was stopped and resumed.  Under DDP, rank
+``r`` of ``W`` takes samples ``(step * W + r) * batch + j``, so ranks never
+see the same sample.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .preprocess import PreparedCase
+
+
+def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``array[:, start:start+size]`` on the three spatial axes, zero-padded where it leaves the volume."""
+    channels = array.shape[0]
+    out = np.zeros((channels,) + tuple(int(s) for s in size), dtype=array.dtype)
+    source, target = [], []
+    for axis, (begin, length) in enumerate(zip(start, size)):
+        limit = array.shape[axis + 1]
+        lo, hi = max(begin, 0), min(begin + length, limit)
+        if hi <= lo:
+            return out
+        source.append(slice(lo, hi))
+        target.append(slice(lo - begin, hi - begin))
+    out[(slice(None),) + tuple(target)] = array[(slice(None),) + tuple(source)]
+    return out
+
+
+class PatchSampler:
+    """Draws ``(image, label)`` patches from prepared cases.
+
+    With probability ``foreground_ratio`` a patch is centred on a voxel of a
+    randomly chosen foreground class present in the case (so small organs are
+    seen as often as large ones); otherwise its centre is uniform.
+    """
+
+    def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int], foreground_ratio: float = 0.67):
+        if not cases:
+            raise ValueError("no cases to sample from")
+        self.cases = list(cases)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_ratio = float(foreground_ratio)
+        # Flat indices of each class per case, computed once: a patch draw is then O(1).
+        self._foreground: List[Dict[int, np.ndarray]] = []
+        for case in self.cases:
+            classes: Dict[int, np.ndarray] = {}
+            if case.label is not None:
+                flat = case.label.reshape(-1)
+                for value in np.unique(flat):
+                    if value != 0:
+                        classes[int(value)] = np.flatnonzero(flat == value)
+            self._foreground.append(classes)
+
+    def centre(self, case_index: int, rng: np.random.Generator) -> Tuple[int, int, int]:
+        shape = self.cases[case_index].image.shape[1:]
+        classes = self._foreground[case_index]
+        if classes and rng.random() < self.foreground_ratio:
+            value = list(classes)[int(rng.integers(len(classes)))]
+            flat = classes[value][int(rng.integers(len(classes[value])))]
+            return tuple(int(c) for c in np.unravel_index(flat, shape))
+        return tuple(int(rng.integers(s)) for s in shape)
+
+    def sample(self, rng: np.random.Generator, case_index: int = -1):
+        """One patch: ``(image [1, *patch] float32, label [1, *patch] int64 or None, case_index)``."""
+        if case_index < 0:
+            case_index = int(rng.integers(len(self.cases)))
+        case = self.cases[case_index]
+        centre = self.centre(case_index, rng)
+        start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
+        # Keep the patch inside the volume where the volume is large enough.
+        start = [min(max(s, 0), max(dim - p, 0)) for s, dim, p in zip(start, case.image.shape[1:], self.patch_size)]
+        image = crop_or_pad(case.image, start, self.patch_size)
+        label = None if case.label is None else crop_or_pad(case.label, start, self.patch_size).astype(np.int64)
+        return image, label, case_index
+
+
+def intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mild intensity augmentation for supervised training (MONAI transforms, seeded per sample).
+
+    No flips: left and right organs (kidney_left / kidney_right) are different classes.
+    """
+    from monai.transforms import RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
+
+    out = image
+    for transform in (RandScaleIntensity(factors=0.1, prob=0.5), RandShiftIntensity(offsets=0.1, prob=0.5),
+                      RandGaussianNoise(prob=0.2, std=0.02)):
+        transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
+        out = transform(out)
+    return np.asarray(out, dtype=np.float32)
+
+
+class SupervisedPatches(Dataset):
+    """Map-style dataset: item ``i`` is sample ``i`` of the run (see the module docstring)."""
+
+    def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True):
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.length = int(length)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, int(index)])
+        image, label, _ = self.sampler.sample(rng)
+        if self.augment:
+            image = intensity_augment(image, rng)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)),
+                "label": torch.from_numpy(np.ascontiguousarray(label))}
+
+
+class StepSampler(Sampler):
+    """Yields the sample indices of steps ``start_step .. total_steps-1`` for one rank."""
+
+    def __init__(self, start_step: int, total_steps: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.start_step, self.total_steps = int(start_step), int(total_steps)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start_step, self.total_steps):
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+
+    def __len__(self) -> int:
+        return max(self.total_steps - self.start_step, 0) * self.batch_size
+
+
+def select_labeled_fraction(case_ids: Sequence[str], fraction: float, seed: int) -> List[str]:
+    """Keep ``ceil(fraction * n)`` whole cases (at least one), chosen with ``seed``; order kept."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
+    ids = list(case_ids)
+    keep = max(1, int(math.ceil(fraction * len(ids) - 1e-9)))
+    chosen = set(np.random.default_rng([seed, 7919]).permutation(len(ids))[:keep].tolist())
+    return [case for index, case in enumerate(ids) if index in chosen]
+
+
+def kfold_split(case_ids: Sequence[str], folds: int, fold: int, seed: int) -> Tuple[List[str], List[str]]:
+    """``(train, validation)`` ids of fold ``fold`` of ``folds`` (a seeded shuffle, then contiguous chunks)."""
+    ids = list(case_ids)
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"need folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
+    if len(ids) < folds:
+        raise ValueError(f"{len(ids)} case(s) cannot be split into {folds} folds")
+    order = np.random.default_rng([seed, 104729]).permutation(len(ids))
+    chunks = np.array_split(order, folds)
+    validation = set(chunks[fold].tolist())
+    return ([c for i, c in enumerate(ids) if i not in validation], [c for i, c in enumerate(ids) if i in validation])

@@ -1,0 +1,70 @@
+"""Device choice and the distributed (``torchrun``) context."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass
+class DistributedContext:
+    """Where this process runs: ``rank`` of ``world_size`` on ``device``."""
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def choose_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> the CUDA GPU of this rank if there is one, else the CPU."""
+    name = (name or "auto").lower()
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise InputError(f"unknown device {name!r}", path="--device", fix="use auto, cpu, cuda or cuda:N")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError("CUDA was asked for, but PyTorch sees no GPU", path="--device",
+                         fix="use --device cpu, or install a CUDA build of PyTorch (see README, 'GPU install')")
+    if name.startswith("cuda:"):
+        return torch.device(name)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def setup_distributed(device_name: str = "auto") -> DistributedContext:
+    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); gloo on CPU, NCCL on GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = choose_device(device_name, local_rank)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend)
+    return DistributedContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def teardown_distributed(context: DistributedContext) -> None:
+    if context.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

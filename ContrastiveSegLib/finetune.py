@@ -1,0 +1,177 @@
+"""The ``finetune`` command: supervised training of a segmentation network on labelled CT.
+
+Order of work (nothing is written before every input has been checked):
+datasets -> target names -> train / validation split -> label fraction ->
+preprocessing (the slow part, which also checks every file) -> run folder ->
+network (optionally initialised from a pre-trained checkpoint) -> trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import RunConfig, software_versions
+from .data.catalog import Case, check_target_names, load_datasets
+from .data.labels import output_label_map
+from .data.preprocess import CasePreparer, PreparedCase
+from .data.sampling import PatchSampler, SupervisedPatches, kfold_split, select_labeled_fraction
+from .engine.checkpoint import load_pretrained_weights
+from .engine.device import DistributedContext, setup_distributed, teardown_distributed
+from .engine.events import EventLog
+from .engine.inference import sliding_window_probabilities
+from .engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
+from .engine.trainer import Trainer
+from .errors import InputError
+from .methods.supervised import SupervisedObjective
+from .models import build_backbone
+
+
+def split_cases(config: RunConfig, cases: Sequence[Case], val_cases: Sequence[Case]) -> tuple:
+    """``(train, validation)`` cases: validation datasets, else a k-fold split, else a held-out share."""
+    data = config.data
+    seed = config.train.seed
+    by_id = {case.case_id: case for case in cases}
+    if val_cases:
+        train_ids, val_ids = list(by_id), []
+    elif data.folds:
+        train_ids, val_ids = kfold_split(list(by_id), data.folds, data.fold, seed)
+    elif len(by_id) >= 3:
+        count = max(1, int(round(data.val_fraction * len(by_id))))
+        order = np.random.default_rng([seed, 15485863]).permutation(len(by_id))
+        held = {list(by_id)[i] for i in order[:count]}
+        train_ids, val_ids = [c for c in by_id if c not in held], [c for c in by_id if c in held]
+    else:
+        train_ids, val_ids = list(by_id), []
+    if data.labeled_fraction < 1.0:
+        train_ids = select_labeled_fraction(train_ids, data.labeled_fraction, seed)
+    return [by_id[c] for c in train_ids], list(val_cases) + [by_id[c] for c in val_ids]
+
+
+def make_validator(cases: Sequence[PreparedCase], targets: Sequence[str], patch_size: Sequence[int],
+                   overlap: float) -> Callable:
+    """Per-organ Dice on the preprocessing grid of every validation case; the mean over cases."""
+    from .engine.metrics import dice_per_label, mean_dice
+
+    names = {index: name for index, name in enumerate(targets, start=1)}
+
+    def validate(backbone: torch.nn.Module, step: int) -> Dict:
+        per_case: Dict[str, Dict] = {}
+        for case in cases:
+            probabilities = sliding_window_probabilities(backbone, torch.from_numpy(case.image), patch_size,
+                                                         overlap=overlap)
+            prediction = probabilities.argmax(0).cpu().numpy().astype(np.uint8)
+            per_case[case.case_id] = dice_per_label(prediction, case.label[0], names)
+        dice: Dict[str, Optional[float]] = {}
+        for name in targets:
+            values = [d[name] for d in per_case.values() if d.get(name) is not None]
+            dice[name] = float(np.mean(values)) if values else None
+        return {"dice": dice, "mean_dice": mean_dice(dice), "cases": per_case}
+
+    return validate
+
+
+def run_finetune(config: RunConfig, out: str, resume: bool = False, events_stdout: bool = False,
+                 listeners: Iterable[Callable[[dict], None]] = (), progress: bool = True) -> Dict:
+    """Fine-tune (or train from scratch) as ``config`` says, into the run folder ``out``."""
+    run = RunFolder(out)
+    if resume:
+        saved = RunConfig.from_dict(run.read_json(run.config))
+        saved.train.max_steps = max(saved.train.max_steps, config.train.max_steps)
+        config = saved
+    context = setup_distributed(config.device)
+    try:
+        return _finetune(config, run, context, resume, events_stdout, listeners, progress)
+    finally:
+        teardown_distributed(context)
+
+
+def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, resume: bool, events_stdout: bool,
+              listeners, progress: bool) -> Dict:
+    config.command = "finetune"
+    config.versions = software_versions()
+    targets = list(config.data.labels)
+    if not config.data.datasets:
+        raise InputError("no training data given", path="--data", fix="give --data DATASET (a dataset.json or folder)")
+    datasets = load_datasets(config.data.datasets)
+    val_datasets = load_datasets(config.data.val_datasets) if config.data.val_datasets else []
+    check_target_names(datasets, targets)
+    cases = [case for dataset in datasets for case in dataset.cases]
+    val_cases = [case for dataset in val_datasets for case in dataset.cases]
+    train_cases, val_cases = split_cases(config, cases, val_cases)
+    if context.is_main:
+        check_writable_folder(run.root, what="run folder")
+
+    config.model.out_channels = len(targets) + 1
+    config.model.validate()
+    preparer = CasePreparer(config.preprocess, targets, pad_to=config.model.patch_size,
+                            cache_dir=config.data.cache_dir)
+    prepared_train = preparer.prepare_all(train_cases, progress=progress and context.is_main)
+    if not prepared_train:
+        raise InputError("no training case labels any of the chosen organs", path="--data",
+                         fix="check --labels against the datasets' label names")
+    prepared_val = preparer.prepare_all(val_cases, progress=progress and context.is_main) if context.is_main else []
+    if context.is_main and not prepared_val:
+        warnings.warn("no validation cases (a single labelled case, or none held out): best.pt is not written and "
+                      "prediction uses the last checkpoint. Give --val-data or more cases to validate.")
+
+    run.create()
+    events = EventLog(run.events, to_stdout=events_stdout, enabled=context.is_main)
+    for listener in listeners:
+        events.listeners.append(listener)
+    labels = output_label_map(targets)
+    torch.manual_seed(config.train.seed)  # the initial weights are part of what a seed reproduces
+    backbone = build_backbone(config.model)
+    if config.init_checkpoint and not resume:
+        loaded, not_loaded = load_pretrained_weights(backbone, config.init_checkpoint, encoder_only=True)
+        events.message(f"--init {config.init_checkpoint}: loaded {len(loaded)} encoder tensors, "
+                       f"{len(not_loaded)} left at their initial values")
+        if context.is_main:
+            write_json_atomic(os.path.join(run.root, "init_report.json"),
+                              {"checkpoint": config.init_checkpoint, "loaded": loaded, "not_loaded": not_loaded})
+    if context.is_main:
+        from .report.colors import colors_for
+
+        write_json_atomic(run.config, config.to_dict())
+        write_json_atomic(run.labels, labels)
+        write_json_atomic(run.colors, {k: list(v) for k, v in colors_for(targets).items()})
+        events.message(f"{len(prepared_train)} training case(s), {len(prepared_val)} validation case(s)")
+
+    sampler = PatchSampler(prepared_train, config.model.patch_size, config.train.foreground_ratio)
+    length = config.train.max_steps * config.train.batch_size * config.train.grad_accumulation * context.world_size
+    dataset = SupervisedPatches(sampler, config.train.seed, length, augment=True)
+    validate = None
+    if prepared_val:
+        validate = make_validator(prepared_val, targets, config.model.patch_size, config.train.sw_overlap)
+    trainer = Trainer(run, config, SupervisedObjective(backbone), dataset, context, events, kind="finetune",
+                      labels=labels, validate=validate)
+    summary = trainer.fit(resume=resume)
+    summary["run_dir"] = run.root
+    return summary
+
+
+def parse_spacing(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise InputError(f"{text!r} is not three positive numbers", path="--spacing", fix="write e.g. --spacing 1.5,1.5,2.0")
+    return values
+
+
+def parse_patch(text: str) -> tuple:
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or any(v <= 0 or v % 16 for v in values):
+        raise InputError(f"{text!r} is not a patch size of multiples of 16", path="--patch",
+                         fix="write e.g. --patch 96 or --patch 96,96,64")
+    return tuple(values)

@@ -1,0 +1,95 @@
+"""Shared fixtures: the shipped sample CT, small real datasets cut from it, tiny training settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAMPLE_DIR = os.path.join(REPO_ROOT, "ContrastiveSegLib", "sample_data")
+SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> str:
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_label_map() -> dict:
+    with open(os.path.join(SAMPLE_DIR, "dataset.json"), encoding="utf-8") as handle:
+        return json.load(handle)["labels"]
+
+
+def write_dataset(folder: str, cases: dict, labels: dict) -> str:
+    """Write ``{case_id: (image sitk, label sitk)}`` as an MSD-style dataset; returns the folder."""
+    os.makedirs(os.path.join(folder, "imagesTr"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "labelsTr"), exist_ok=True)
+    training = []
+    for case_id, (image, label) in cases.items():
+        sitk.WriteImage(image, os.path.join(folder, "imagesTr", f"{case_id}.nii.gz"))
+        sitk.WriteImage(label, os.path.join(folder, "labelsTr", f"{case_id}.nii.gz"))
+        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as handle:
+        json.dump({"name": os.path.basename(folder), "labels": labels, "training": training}, handle)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sample_pieces():
+    """The sample CT and its labels cut into three overlapping real cases (sitk images)."""
+    image = sitk.ReadImage(os.path.join(SAMPLE_DIR, "abdomen_ct.nii.gz"), sitk.sitkFloat32)
+    label = sitk.ReadImage(os.path.join(SAMPLE_DIR, "abdomen_ct_labels.nii.gz"))
+    pieces = {}
+    for name, (x0, x1, z0, z1) in {"upper": (0, 122, 10, 30), "lower": (0, 122, 0, 20),
+                                   "right": (0, 90, 0, 30)}.items():
+        pieces[name] = (image[x0:x1, :, z0:z1], label[x0:x1, :, z0:z1])
+    return pieces
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, sample_pieces, sample_label_map) -> str:
+    """A three-case dataset.json made of real CT pieces with the TotalSegmentator label names."""
+    return write_dataset(str(tmp_path_factory.mktemp("data") / "pieces"), sample_pieces, sample_label_map)
+
+
+TINY_ARGS = ["--model", "unet", "--model-size", "tiny", "--patch", "32,32,16", "--spacing", "6,6,6",
+             "--batch-size", "1", "--num-workers", "0", "--lr", "3e-3"]
+
+
+def run_cli(args, cwd=None, env=None, timeout=600):
+    """Run ``python -m ContrastiveSegLib ARGS``; returns the CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "ContrastiveSegLib"] + [str(a) for a in args], cwd=cwd or REPO_ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_config(datasets, labels, max_steps=4, val_datasets=(), **train):
+    """A RunConfig for in-process runs: tiny U-Net, coarse 6 mm grid, single-threaded loading."""
+    from ContrastiveSegLib.config import RunConfig
+
+    config = RunConfig(command="finetune", device="cpu")
+    config.model.architecture, config.model.size, config.model.patch_size = "unet", "tiny", (32, 32, 16)
+    config.preprocess.spacing = (6.0, 6.0, 6.0)
+    config.data.datasets = list(datasets)
+    config.data.val_datasets = list(val_datasets)
+    config.data.labels = list(labels)
+    config.train.max_steps, config.train.batch_size, config.train.num_workers = max_steps, 1, 0
+    config.train.lr, config.train.val_every, config.train.checkpoint_every = 3e-3, 0, 0
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)

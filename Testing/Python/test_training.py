@@ -1,0 +1,158 @@
+"""Fine-tuning end to end on real CT pieces: events, checkpoints, exact resume, --init, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_ARGS, run_cli, tiny_config
+
+from ContrastiveSegLib.engine.checkpoint import load_checkpoint
+from ContrastiveSegLib.engine.events import read_events
+from ContrastiveSegLib.errors import InputError
+from ContrastiveSegLib.finetune import run_finetune
+
+
+def test_finetune_cli_writes_a_complete_run_folder(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    result = run_cli(["finetune", "--data", tiny_dataset, "--labels", "liver,spleen", "--out", run, "--max-steps", "4",
+                      "--val-every", "2", "--events-stdout"] + TINY_ARGS)
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "labels.json", "colors.json", "events.jsonl", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "labels.json").read_text()) == {"0": "background", "1": "liver", "2": "spleen"}
+    events = read_events(str(run / "events.jsonl"))
+    kinds = [e["event"] for e in events]
+    assert kinds.count("start") == 1 and kinds[-1] == "finished"
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    for key in ("total", "loss", "lr", "steps_per_s", "eta_s"):
+        assert key in steps[0]
+    validations = [e for e in events if e["event"] == "validation"]
+    assert validations and set(validations[0]["dice"]) == {"liver", "spleen"}
+    # --events-stdout prints exactly the file's lines on stdout.
+    stdout_events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert [e["event"] for e in stdout_events] == kinds
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["labels"] == ["liver", "spleen"] and config["versions"]["torch"]
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_stop_file_then_resume_continues_exactly(tmp_path, tiny_dataset):
+    straight = tmp_path / "straight"
+    run_finetune(tiny_config([tiny_dataset], ["liver", "spleen"], max_steps=6), str(straight), progress=False)
+
+    stopped = tmp_path / "stopped"
+
+    def stop_at_three(event):
+        if event["event"] == "step" and event["step"] == 3:
+            (stopped / "STOP").write_text("")
+
+    summary = run_finetune(tiny_config([tiny_dataset], ["liver", "spleen"], max_steps=6), str(stopped),
+                           listeners=[stop_at_three], progress=False)
+    assert summary["stopped"] and summary["step"] == 3
+    assert not (stopped / "STOP").exists()
+    finished = [e for e in read_events(str(stopped / "events.jsonl")) if e["event"] == "finished"]
+    assert finished[-1]["stopped"] is True
+    assert load_checkpoint(str(stopped / "checkpoints" / "last.pt"))["step"] == 3
+
+    summary = run_finetune(tiny_config([tiny_dataset], ["liver", "spleen"], max_steps=6), str(stopped), resume=True,
+                           progress=False)
+    assert summary["step"] == 6 and not summary["stopped"]
+    a, b = _weights(str(straight / "checkpoints" / "last.pt")), _weights(str(stopped / "checkpoints" / "last.pt"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    resumed_state = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))
+    straight_state = load_checkpoint(str(straight / "checkpoints" / "last.pt"))
+    assert set(resumed_state) == set(straight_state)  # the same checkpoint format
+    starts = [e for e in read_events(str(stopped / "events.jsonl")) if e["event"] == "start"]
+    assert [s["start_step"] for s in starts] == [0, 3]
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, tiny_dataset):
+    result = run_cli(["finetune", "--data", tiny_dataset, "--labels", "liver", "--out", tmp_path / "new", "--resume"]
+                     + TINY_ARGS)
+    assert result.returncode == 2
+    assert "config.json: does not exist" in result.stderr
+
+
+def test_init_loads_encoder_and_reports_it(tmp_path, tiny_dataset):
+    source = tmp_path / "source"
+    run_finetune(tiny_config([tiny_dataset], ["liver"], max_steps=2), str(source), progress=False)
+    target = tmp_path / "target"
+    config = tiny_config([tiny_dataset], ["liver", "spleen"], max_steps=1)
+    config.init_checkpoint = str(source / "checkpoints" / "last.pt")
+    run_finetune(config, str(target), progress=False)
+    report = json.loads((target / "init_report.json").read_text())
+    assert report["loaded"] and all(key.startswith("net.conv_0.") or key.startswith("net.down_") for key in report["loaded"])
+    assert any("not part of the encoder" in key for key in report["not_loaded"])
+    messages = [e["text"] for e in read_events(str(target / "events.jsonl")) if e["event"] == "message"]
+    assert any("loaded" in m and "encoder tensors" in m for m in messages)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_dataset):
+    source = tmp_path / "source"
+    run_finetune(tiny_config([tiny_dataset], ["liver"], max_steps=1), str(source), progress=False)
+    args = ["finetune", "--data", tiny_dataset, "--labels", "liver", "--out", tmp_path / "unetr", "--model", "unetr",
+            "--model-size", "tiny", "--patch", "32,32,16", "--spacing", "6,6,6", "--max-steps", "1",
+            "--num-workers", "0", "--init", source / "checkpoints" / "last.pt"]
+    result = run_cli(args)
+    assert result.returncode == 2
+    assert "holds a 'unet' network, but this run builds 'unetr'" in result.stderr
+    assert "--model unet" in result.stderr
+
+
+def test_foreign_pickle_is_not_loaded(tmp_path):
+    path = tmp_path / "evil.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo should-not-run",))
+
+    torch.save({"format": "contrastiveseg", "x": Payload()}, str(path))
+    with pytest.raises(InputError, match="cannot be read as a checkpoint"):
+        load_checkpoint(str(path))
+
+
+def test_unwritable_output_folder_is_an_error_and_nothing_is_written(tmp_path, tiny_dataset):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli(["finetune", "--data", tiny_dataset, "--labels", "liver", "--out", blocker / "run"] + TINY_ARGS)
+    assert result.returncode == 2
+    assert "cannot be used as the run folder" in result.stderr and "choose a folder you can write to" in result.stderr
+
+
+def test_bad_input_leaves_no_run_folder(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    result = run_cli(["finetune", "--data", tiny_dataset, "--labels", "livr", "--out", run] + TINY_ARGS)
+    assert result.returncode == 2 and "unknown label name(s): livr" in result.stderr
+    assert not run.exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_only_rank_zero_writes(tmp_path, tiny_dataset):
+    run = tmp_path / "ddp"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ContrastiveSegLib", "finetune", "--data", tiny_dataset, "--labels", "liver", "--out", str(run),
+               "--max-steps", "3", "--val-every", "3", "--device", "cpu"] + TINY_ARGS
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(str(run / "events.jsonl"))
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2  # one writer, though two processes trained
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert sorted(os.listdir(run / "checkpoints")) == ["best.pt", "last.pt"]
+    assert load_checkpoint(str(run / "checkpoints" / "last.pt"))["step"] == 3
+    shutil.rmtree(run)
