@@ -189,7 +189,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=train.max_steps, initial=self.step, desc=self.kind, unit="step", dynamic_ncols=True,
-                   disable=not self.context.is_main)
+                   disable=not self.context.is_main or self.events.to_stdout)
         started = time.time()
         window_start, window_steps = time.time(), 0
         stopped = False

@@ -70,7 +70,8 @@ def run_cli(args, cwd=None, env=None, timeout=600):
     if env:
         full_env.update(env)
     return subprocess.run([sys.executable, "-m", "ContrastiveSegLib"] + [str(a) for a in args], cwd=cwd or REPO_ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+                          env=full_env, capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=timeout)
 
 
 def tiny_config(datasets, labels, max_steps=4, val_datasets=(), **train):

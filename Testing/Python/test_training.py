@@ -147,7 +147,8 @@ def test_torchrun_two_cpu_processes_only_rank_zero_writes(tmp_path, tiny_dataset
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ContrastiveSegLib", "finetune", "--data", tiny_dataset, "--labels", "liver", "--out", str(run),
                "--max-steps", "3", "--val-every", "3", "--device", "cpu"] + TINY_ARGS
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace",
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_events(str(run / "events.jsonl"))
     starts = [e for e in events if e["event"] == "start"]
