@@ -84,6 +84,54 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--init", default=None, metavar="CKPT", help="initialise the encoder from this checkpoint")
     _add_common_training_arguments(finetune, default_steps=2000)
 
+    pretrain = commands.add_parser("pretrain", help="contrastive pre-training on labelled datasets (MixCL or GCL)",
+                                   description="Pre-train the network's encoder with MixCL or GCL on one or more "
+                                               "labelled datasets whose label sets may differ (labels are matched "
+                                               "by name). The result feeds finetune --init and selftrain --init.")
+    pretrain.add_argument("--method", choices=["mixcl", "gcl"], required=True,
+                          help="mixcl: identity + label + reconstruction consistency; gcl: meta-label contrast "
+                               "with a Gradient Mitigator and a Gradient Filter")
+    pretrain.add_argument("--data", action="append", required=True, metavar="SPEC",
+                          help="a labelled dataset: dataset.json, or a folder with dataset.json or images/ + labels/ "
+                               "(repeatable; label sets may differ)")
+    pretrain.add_argument("--labels", default=None, metavar="NAMES",
+                          help="only these organs, comma-separated (default: every label of every dataset)")
+    pretrain.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                          help="a method setting, e.g. --set alpha=0.01 --set tau=0.1 (an unknown key lists them all)")
+    pretrain.add_argument("--meta-labels", default=None, metavar="NAMES",
+                          help="gcl: meta labels to contrast, comma-separated from dataset, case, position and the "
+                               "--meta-csv columns (default: dataset,case,position)")
+    pretrain.add_argument("--meta-csv", default=None, metavar="CSV",
+                          help="gcl: per-case attributes (a case column plus e.g. phase, scanner) usable as meta labels")
+    pretrain.add_argument("--mitigator", choices=["feature", "param", "off"], default=None,
+                          help="gcl: Gradient Mitigator mode (default: feature)")
+    _add_common_training_arguments(pretrain, default_steps=2000)
+
+    selftrain = commands.add_parser("selftrain", help="self-training with a local contrastive loss on pseudo-labels",
+                                    description="Semi-supervised training: a supervised baseline on the labelled "
+                                                "scans (or --init), then rounds of pseudo-labelling the unlabelled "
+                                                "scans and joint training with segmentation + local contrastive loss.")
+    selftrain.add_argument("--labeled", action="append", required=True, metavar="SPEC",
+                           help="a labelled dataset (dataset.json or folder; repeatable)")
+    selftrain.add_argument("--unlabeled", action="append", required=True, metavar="SPEC|FOLDER",
+                           help="unlabelled scans: a dataset spec or a folder of images / DICOM series (repeatable)")
+    selftrain.add_argument("--labels", required=True, metavar="NAMES",
+                           help="target organs by name, comma-separated (output classes 1..K in this order)")
+    selftrain.add_argument("--val-data", action="append", default=[], metavar="SPEC",
+                           help="dataset(s) used only for validation (default: a held-out share of --labeled)")
+    selftrain.add_argument("--init", default=None, metavar="CKPT",
+                           help="a pretrain checkpoint (encoder loaded, then the baseline is trained) or a finetune "
+                                "checkpoint with the same labels (used as the baseline)")
+    selftrain.add_argument("--rounds", type=int, default=None, help="pseudo-labelling rounds (default: 3)")
+    selftrain.add_argument("--contrastive-weight", type=float, default=None,
+                           help="lambda of the local contrastive loss (default: 0.1)")
+    selftrain.add_argument("--agreement-threshold", type=float, default=None,
+                           help="keep an unlabelled scan only if the Dice between predictions on two augmented "
+                                "copies exceeds this (default: off)")
+    selftrain.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                           help="any other self-training setting (an unknown key lists them all)")
+    _add_common_training_arguments(selftrain, default_steps=1000)
+
     predict = commands.add_parser("predict", help="segment an image with a trained run",
                                   description="Sliding-window prediction, written on the input image's own grid.")
     predict.add_argument("--model", required=True, metavar="RUN", help="a finetune run folder, or a checkpoint file")
@@ -146,6 +194,30 @@ def _training_config(args: argparse.Namespace, command: str):
         if args.folds and not 0 <= args.fold < args.folds:
             raise InputError(f"fold {args.fold} does not exist with --folds {args.folds}", path="--fold")
         config.init_checkpoint = args.init
+    elif command == "pretrain":
+        from .pretrain import method_settings
+
+        config.data.datasets = list(args.data)
+        config.data.labels = parse_target_names(args.labels) if args.labels else []
+        explicit = {}
+        if args.method == "gcl":
+            explicit = {"meta_csv": args.meta_csv, "mitigator": args.mitigator,
+                        "meta_labels": [m.strip() for m in args.meta_labels.split(",") if m.strip()]
+                        if args.meta_labels else None}
+        elif args.meta_labels or args.meta_csv or args.mitigator:
+            raise InputError("--meta-labels, --meta-csv and --mitigator belong to --method gcl", path="command line")
+        config.method = method_settings(args.method, args.settings, **explicit)
+    elif command == "selftrain":
+        from .selftrain import selftrain_settings
+
+        config.data.datasets = list(args.labeled)
+        config.data.unlabeled = list(args.unlabeled)
+        config.data.val_datasets = list(args.val_data)
+        config.data.labels = parse_target_names(args.labels)
+        config.init_checkpoint = args.init
+        config.method = selftrain_settings(args.settings, rounds=args.rounds,
+                                           contrastive_weight=args.contrastive_weight,
+                                           agreement_threshold=args.agreement_threshold)
     return config
 
 
@@ -153,13 +225,33 @@ def _cmd_finetune(args) -> int:
     from .finetune import run_finetune
 
     config = _training_config(args, "finetune")
-    summary = run_finetune(config, args.out, resume=args.resume, events_stdout=args.events_stdout)
-    if int(os.environ.get("RANK", "0")) == 0:
-        state = "stopped" if summary["stopped"] else "finished"
-        best = summary.get("best_mean_dice")
-        print(f"{state} at step {summary['step']} in {summary['seconds']:.0f} s"
-              + (f"; best validation mean Dice {best:.4f}" if best is not None else ""), file=sys.stderr)
-        print(f"run folder: {summary['run_dir']}", file=sys.stderr)
+    _report_training(run_finetune(config, args.out, resume=args.resume, events_stdout=args.events_stdout))
+    return EXIT_OK
+
+
+def _report_training(summary: dict) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    state = "stopped" if summary["stopped"] else "finished"
+    best = summary.get("best_mean_dice")
+    print(f"{state} at step {summary['step']} in {summary['seconds']:.0f} s"
+          + (f"; best validation mean Dice {best:.4f}" if best is not None else ""), file=sys.stderr)
+    print(f"run folder: {summary['run_dir']}", file=sys.stderr)
+
+
+def _cmd_pretrain(args) -> int:
+    from .pretrain import run_pretrain
+
+    config = _training_config(args, "pretrain")
+    _report_training(run_pretrain(config, args.out, resume=args.resume, events_stdout=args.events_stdout))
+    return EXIT_OK
+
+
+def _cmd_selftrain(args) -> int:
+    from .selftrain import run_selftrain
+
+    config = _training_config(args, "selftrain")
+    _report_training(run_selftrain(config, args.out, resume=args.resume, events_stdout=args.events_stdout))
     return EXIT_OK
 
 
@@ -239,7 +331,8 @@ def _cmd_demo(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"finetune": _cmd_finetune, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "info": _cmd_info,
+COMMANDS = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "selftrain": _cmd_selftrain,
+            "predict": _cmd_predict, "evaluate": _cmd_evaluate, "info": _cmd_info,
             "demo": _cmd_demo}
 
 

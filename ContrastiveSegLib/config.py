@@ -80,6 +80,7 @@ class DataConfig:
 
     datasets: List[str] = field(default_factory=list)     # dataset specs as given on the command line
     val_datasets: List[str] = field(default_factory=list)
+    unlabeled: List[str] = field(default_factory=list)    # selftrain: dataset specs or folders of images
     labels: List[str] = field(default_factory=list)       # canonical target names, in output order
     labeled_fraction: float = 1.0
     folds: int = 0                        # 0: no k-fold split; validation from val_datasets or a held-out share

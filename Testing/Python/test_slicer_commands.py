@@ -167,7 +167,7 @@ def test_describe_quotes_what_a_shell_needs():
 
 
 def test_every_command_parses_with_the_engines_own_parser(tmp_path):
-    """The contract: what the module builds, the engine accepts (for every subcommand it has today)."""
+    """The contract: what the module builds, the engine accepts, for every subcommand."""
     sys.path.insert(0, str(REPO))
     from ContrastiveSegLib.cli import build_parser
 
@@ -192,4 +192,4 @@ def test_every_command_parses_with_the_engines_own_parser(tmp_path):
         except SystemExit as error:  # argparse exits on an unknown or missing flag
             pytest.fail(f"the engine rejects: {run.describe()} (exit {error.code})")
         checked.add(subcommand)
-    assert {"finetune", "predict", "evaluate"} <= checked, sorted(subcommands)
+    assert {"pretrain", "finetune", "selftrain", "predict", "evaluate"} <= checked, sorted(subcommands)
