@@ -27,6 +27,53 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
+def peak_memory(device) -> dict:
+    """Peak memory of this process so far: CUDA peak allocated, or the CPU process's peak resident set."""
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "memory_kind": "CUDA peak allocated"}
+    return {"peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "memory_kind": "process peak resident set (includes Python, torch and MONAI, ~400 MiB)"}
+
+
+def time_training_steps(objective, batch: dict, steps: int, device, warmup: int = 2) -> dict:
+    """Seconds per optimisation step (AdamW; bf16 autocast on CUDA) of ``objective`` on one fixed batch.
+
+    The first ``warmup`` steps (one-off allocations, autotuning) are not timed.
+    """
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
+    use_amp = device.type == "cuda"
+    times = []
+    for index in range(steps + warmup):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss, _ = objective(batch)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return {"parameters": sum(p.numel() for p in objective.parameters()),
+            "seconds_per_step_median": round(times[len(times) // 2], 4), "seconds_per_step_min": round(times[0], 4)}
+
+
+def run_child(module: str, function: str, *args) -> dict:
+    """``module.function(*args)`` in a fresh Python process (its own peak memory); its JSON result."""
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(HERE)!r}); sys.path.insert(0, {HERE!r}); "
+            f"from {module} import {function}; print(json.dumps({function}(*{list(args)!r})))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def _train_step_child(architecture: str, size: str, patch, steps: int, device_name: str) -> dict:
     import torch
 
@@ -40,46 +87,18 @@ def _train_step_child(architecture: str, size: str, patch, steps: int, device_na
     torch.manual_seed(0)
     model = SupervisedObjective(build_backbone(ModelConfig(architecture=architecture, size=size, out_channels=5,
                                                            patch_size=tuple(patch)))).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = {"image": torch.rand(2, 1, *patch, device=device),
              "label": torch.randint(0, 5, (2, 1, *patch), device=device)}
-    use_amp = device.type == "cuda"
-    times = []
-    for index in range(steps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, _ = model(batch)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if index >= 2:  # the first steps include one-off allocations
-            times.append(time.perf_counter() - start)
-    times.sort()
-    result = {"architecture": architecture, "size": size, "patch": list(patch), "batch": 2,
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "seconds_per_step_median": round(times[len(times) // 2], 4),
-              "seconds_per_step_min": round(times[0], 4)}
-    if device.type == "cuda":
-        result["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        result["memory_kind"] = "CUDA peak allocated"
-    else:
-        result["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        result["memory_kind"] = "process peak resident set (includes Python, torch and MONAI, ~400 MiB)"
+    result = {"architecture": architecture, "size": size, "patch": list(patch), "batch": 2}
+    result.update(time_training_steps(model, batch, steps, device))
+    result.update(peak_memory(device))
     return result
 
 
 def bench_train_steps(patch, steps: int, device: str) -> list:
     results = []
     for architecture, size in (("unetr", "base"), ("unet", "small")):
-        code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(HERE)!r}); sys.path.insert(0, {HERE!r}); "
-                f"from bench_engine import _train_step_child; "
-                f"print(json.dumps(_train_step_child({architecture!r}, {size!r}, {list(patch)!r}, {steps}, {device!r})))")
-        output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+        results.append(run_child("bench_engine", "_train_step_child", architecture, size, list(patch), steps, device))
     return results
 
 

@@ -10,7 +10,7 @@ see the same sample.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,21 +60,24 @@ class PatchSampler:
                         classes[int(value)] = np.flatnonzero(flat == value)
             self._foreground.append(classes)
 
-    def centre(self, case_index: int, rng: np.random.Generator) -> Tuple[int, int, int]:
+    def centre(self, case_index: int, rng: np.random.Generator,
+               prefer: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
+        """A patch centre; foreground centres go to one of the ``prefer`` classes when the case has any."""
         shape = self.cases[case_index].image.shape[1:]
         classes = self._foreground[case_index]
         if classes and rng.random() < self.foreground_ratio:
-            value = list(classes)[int(rng.integers(len(classes)))]
+            values = [v for v in classes if prefer is None or v in prefer] or list(classes)
+            value = values[int(rng.integers(len(values)))]
             flat = classes[value][int(rng.integers(len(classes[value])))]
             return tuple(int(c) for c in np.unravel_index(flat, shape))
         return tuple(int(rng.integers(s)) for s in shape)
 
-    def sample(self, rng: np.random.Generator, case_index: int = -1):
+    def sample(self, rng: np.random.Generator, case_index: int = -1, prefer: Optional[Sequence[int]] = None):
         """One patch: ``(image [1, *patch] float32, label [1, *patch] int64 or None, case_index)``."""
         if case_index < 0:
             case_index = int(rng.integers(len(self.cases)))
         case = self.cases[case_index]
-        centre = self.centre(case_index, rng)
+        centre = self.centre(case_index, rng, prefer)
         start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
         # Keep the patch inside the volume where the volume is large enough.
         start = [min(max(s, 0), max(dim - p, 0)) for s, dim, p in zip(start, case.image.shape[1:], self.patch_size)]

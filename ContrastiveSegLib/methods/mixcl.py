@@ -3,8 +3,8 @@
 Per sample (``MixCLSamples``): a source dataset, a labelled case and a patch
 ``P1``; elastic + affine deformation of ``P1`` (p = 0.5 each), then two
 intensity views ``V1, V1'``; an auxiliary patch ``P2`` from the same case or
-another case of the same dataset (1:1), deformed the same way, and one view
-``V2`` of it.  The boundary-weighted pixel sampling of the label loss runs in
+another case of the same dataset (1:1), centred (when foreground-centred) on an
+organ that ``P1`` shows, deformed the same way, and one view ``V2`` of it.  The boundary-weighted pixel sampling of the label loss runs in
 the data workers, on the labels resampled to ``enc2``'s grid (every second
 voxel: nearest-neighbour at 1/2 resolution), so the GPU never waits for a
 distance transform.
@@ -131,8 +131,8 @@ class MixCLSamples(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _patch(self, case_index: int, rng: np.random.Generator):
-        image, label, _ = self.sampler.sample(rng, case_index)
+    def _patch(self, case_index: int, rng: np.random.Generator, prefer=None):
+        image, label, _ = self.sampler.sample(rng, case_index, prefer)
         return spatial_augment(image, label, rng, prob=self.settings["spatial_prob"])
 
     def choose_cases(self, rng: np.random.Generator) -> Tuple[int, int, int]:
@@ -151,7 +151,9 @@ class MixCLSamples(Dataset):
         settings = self.settings
         _, first, second = self.choose_cases(rng)
         patch1, label1 = self._patch(first, rng)
-        patch2, label2 = self._patch(second, rng)
+        # P2 is centred on an organ that P1 shows when it can be (ours): pairs of the same organ are
+        # the label loss's positives, and without any the loss is 0 for that sample.
+        patch2, label2 = self._patch(second, rng, prefer=[int(v) for v in np.unique(label1) if v])
         prob = settings["intensity_prob"]
         views = [intensity_view(patch1, rng, prob), intensity_view(patch1, rng, prob), intensity_view(patch2, rng, prob)]
         index1, values1 = sampled_voxels(label1[0], self.factor, self.budget, settings, rng)
