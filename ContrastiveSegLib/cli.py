@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="gcl: per-case attributes (a case column plus e.g. phase, scanner) usable as meta labels")
     pretrain.add_argument("--mitigator", choices=["feature", "param", "off"], default=None,
                           help="gcl: Gradient Mitigator mode (default: feature)")
-    _add_common_training_arguments(pretrain, default_steps=2000)
+    _add_common_training_arguments(pretrain, default_steps=1000)
 
     selftrain = commands.add_parser("selftrain", help="self-training with a local contrastive loss on pseudo-labels",
                                     description="Semi-supervised training: a supervised baseline on the labelled "

@@ -8,6 +8,8 @@ A method is a module of :mod:`ContrastiveSegLib.methods` with
 
 * ``DEFAULTS``: every setting of the method with its default (saved in
   ``config.json`` under ``"method"``, each overridable with ``--set KEY=VALUE``);
+* ``TRAINS_DECODER`` (optional, default False): whether its loss goes through
+  the decoder; if not, only the encoder is trained;
 * ``build(config, backbone, sources, length) -> (objective, dataset)``: the
   trainer's objective (``forward(batch) -> (loss, logs)``, holding
   ``.backbone``) and a map-style dataset whose item ``i`` is sample ``i`` of
@@ -104,6 +106,21 @@ def method_settings(name: str, overrides: Iterable[str] = (), **explicit) -> Dic
     return settings
 
 
+def freeze_untrained(backbone: torch.nn.Module, trains_decoder: bool) -> None:
+    """Stop gradients to the parts of the network a pre-training method does not use.
+
+    The class-logit head is never used in pre-training, and the decoder only by
+    methods that declare ``TRAINS_DECODER = True`` (MixCL's reconstruction).
+    DistributedDataParallel requires every trainable parameter to get a gradient
+    each step, and frozen ones are also skipped by the optimiser.
+    """
+    encoder = tuple(backbone.encoder_parameter_prefixes())
+    head = tuple(backbone.segmentation_head_prefixes())
+    for name, parameter in backbone.named_parameters():
+        if name.startswith(head) or (not trains_decoder and not name.startswith(encoder)):
+            parameter.requires_grad_(False)
+
+
 def run_pretrain(config: RunConfig, out: str, resume: bool = False, events_stdout: bool = False,
                  listeners: Iterable[Callable[[dict], None]] = (), progress: bool = True) -> Dict:
     """Pre-train as ``config`` says (``config.method["name"]`` picks the method), into the run folder ``out``."""
@@ -162,6 +179,7 @@ def _pretrain(config: RunConfig, run: RunFolder, context: DistributedContext, re
     backbone = build_backbone(config.model)
     length = config.train.max_steps * config.train.batch_size * config.train.grad_accumulation * context.world_size
     objective, dataset = module.build(config, backbone, sources, length)
+    freeze_untrained(backbone, trains_decoder=getattr(module, "TRAINS_DECODER", False))
     if context.is_main:
         write_json_atomic(run.config, config.to_dict())
         write_json_atomic(run.labels, labels)

@@ -39,6 +39,8 @@ from ..errors import InputError
 from ..losses import flatten_feature_map, identity_loss, label_contrastive_loss, sample_boundary_weighted
 from ..models.backbones import LEVEL_NAMES
 
+TRAINS_DECODER = True   # the reconstruction loss goes through the decoder
+
 # Every setting of the method; "ours" marks the values the paper does not give.
 DEFAULTS: Dict[str, Any] = {
     "alpha": 0.01,                 # weight of the label loss (paper)

@@ -101,6 +101,10 @@ class UNETRBackbone(nn.Module):
         """State-dict key prefixes that belong to the encoder path."""
         return ["net.vit.", "net.encoder1.", "net.encoder2.", "net.encoder3.", "net.encoder4."]
 
+    def segmentation_head_prefixes(self) -> List[str]:
+        """State-dict key prefixes of the final 1x1x1 convolution to class logits."""
+        return ["net.out."]
+
 
 class LightUNetBackbone(nn.Module):
     """A light convolutional U-Net (MONAI ``BasicUNet``) for CPUs and small GPUs.
@@ -151,3 +155,6 @@ class LightUNetBackbone(nn.Module):
 
     def encoder_parameter_prefixes(self) -> List[str]:
         return ["net.conv_0.", "net.down_1.", "net.down_2.", "net.down_3.", "net.down_4."]
+
+    def segmentation_head_prefixes(self) -> List[str]:
+        return ["net.final_conv."]

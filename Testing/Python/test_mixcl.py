@@ -272,3 +272,43 @@ def test_pretrain_bad_input_is_reported(tmp_path, mixed_datasets):
                       "--mitigator", "param"] + TINY_ARGS)
     assert result.returncode == 2 and "--method gcl" in result.stderr
     assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_pretrain(tmp_path, mixed_datasets):
+    """Under DDP every trainable tensor must get a gradient each step: the unused class head is frozen."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ContrastiveSegLib", "pretrain", "--method", "mixcl", "--data", mixed_datasets[0],
+               "--data", mixed_datasets[1], "--out", str(run), "--max-steps", "3", "--device", "cpu",
+               "--set", "samples_per_class=16"] + TINY_ARGS
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace",
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(str(run / "events.jsonl"))
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    shutil.rmtree(run)
+
+
+def test_pretraining_leaves_the_class_head_untouched(tmp_path, mixed_datasets):
+    config = tiny_config(list(mixed_datasets), [], max_steps=2, batch_size=1)
+    config.method = method_settings("mixcl", ["samples_per_class=16"])
+    run_pretrain(config, str(tmp_path / "run"), progress=False)
+    state = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    torch.manual_seed(config.train.seed)
+    fresh = build_backbone(config.model).state_dict()
+    head = [k for k in fresh if k.startswith("net.final_conv.")]
+    assert head
+    for key in head:
+        torch.testing.assert_close(state["model"][key], fresh[key])
+    assert not torch.equal(state["model"]["net.down_1.convs.conv_0.conv.weight"],
+                           fresh["net.down_1.convs.conv_0.conv.weight"])
