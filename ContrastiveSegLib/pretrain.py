@@ -10,6 +10,8 @@ A method is a module of :mod:`ContrastiveSegLib.methods` with
   ``config.json`` under ``"method"``, each overridable with ``--set KEY=VALUE``);
 * ``TRAINS_DECODER`` (optional, default False): whether its loss goes through
   the decoder; if not, only the encoder is trained;
+* ``check(config, sources)`` (optional): raises ``InputError`` for bad
+  method-specific input, called before the run folder is written;
 * ``build(config, backbone, sources, length) -> (objective, dataset)``: the
   trainer's objective (``forward(batch) -> (loss, logs)``, holding
   ``.backbone``) and a map-style dataset whose item ``i`` is sample ``i`` of
@@ -169,6 +171,8 @@ def _pretrain(config: RunConfig, run: RunFolder, context: DistributedContext, re
     if not sources.cases:
         raise InputError("no case labels any of the chosen organs", path="--data",
                          fix="check the datasets' label files and --labels")
+    if hasattr(module, "check"):
+        module.check(config, sources)   # method-specific input (e.g. GCL's --meta-csv) fails before anything is written
 
     run.create()
     events = EventLog(run.events, to_stdout=events_stdout, enabled=context.is_main)
