@@ -12,9 +12,12 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/data/catalog.py
   ContrastiveSegLib/data/io.py
   ContrastiveSegLib/data/labels.py
+  ContrastiveSegLib/data/meta_labels.py
   ContrastiveSegLib/data/preprocess.py
   ContrastiveSegLib/data/sampling.py
   ContrastiveSegLib/data/segnrrd.py
+  ContrastiveSegLib/data/sources.py
+  ContrastiveSegLib/data/views.py
   ContrastiveSegLib/demo.py
   ContrastiveSegLib/engine/__init__.py
   ContrastiveSegLib/engine/allocator.py
@@ -38,14 +41,19 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/losses/prototype.py
   ContrastiveSegLib/losses/supcon.py
   ContrastiveSegLib/methods/__init__.py
+  ContrastiveSegLib/methods/gcl.py
+  ContrastiveSegLib/methods/mixcl.py
+  ContrastiveSegLib/methods/selftrain.py
   ContrastiveSegLib/methods/supervised.py
   ContrastiveSegLib/models/__init__.py
   ContrastiveSegLib/models/backbones.py
   ContrastiveSegLib/models/factory.py
+  ContrastiveSegLib/pretrain.py
   ContrastiveSegLib/report/__init__.py
   ContrastiveSegLib/report/colors.py
   ContrastiveSegLib/report/curves.py
   ContrastiveSegLib/report/overlay.py
+  ContrastiveSegLib/selftrain.py
   )
 
 set(CONTRASTIVESEG_ENGINE_RESOURCES

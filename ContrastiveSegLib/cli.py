@@ -21,7 +21,8 @@ from .errors import InputError
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _add_common_training_arguments(parser: argparse.ArgumentParser, default_steps: int) -> None:
+def _add_common_training_arguments(parser: argparse.ArgumentParser, default_steps: int,
+                                   steps_help: str = "optimisation steps") -> None:
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder to create (or continue with --resume)")
     parser.add_argument("--model", choices=["unetr", "unet"], default="unetr",
                         help="backbone: UNETR (the papers') or a light convolutional U-Net for CPUs (default: unetr)")
@@ -33,7 +34,7 @@ def _add_common_training_arguments(parser: argparse.ArgumentParser, default_step
     parser.add_argument("--intensity", choices=["ct_window", "percentile"], default="ct_window",
                         help="ct_window: clip to --window HU and scale to [0,1]; percentile: 0.5-99.5 %% (MR)")
     parser.add_argument("--window", default="-150,250", metavar="LOW,HIGH", help="CT window in HU (default: -150,250)")
-    parser.add_argument("--max-steps", type=int, default=default_steps, help=f"optimisation steps (default: {default_steps})")
+    parser.add_argument("--max-steps", type=int, default=default_steps, help=f"{steps_help} (default: {default_steps})")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step and GPU (default: 2)")
     parser.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimisation step (default: 1)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "copies exceeds this (default: off)")
     selftrain.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                            help="any other self-training setting (an unknown key lists them all)")
-    _add_common_training_arguments(selftrain, default_steps=1000)
+    _add_common_training_arguments(selftrain, default_steps=1000,
+                                   steps_help="optimisation steps of EACH stage: the baseline and every round")
 
     predict = commands.add_parser("predict", help="segment an image with a trained run",
                                   description="Sliding-window prediction, written on the input image's own grid.")
