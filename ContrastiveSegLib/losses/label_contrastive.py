@@ -9,18 +9,15 @@ and the rows of set 2 are cut into tiles of ``tile_size``; each tile pair gives,
 for each of its rows, the log-sum-exp of its positive and of its
 positive-or-negative similarities, and tiles are merged with ``logaddexp``
 (a running log-sum-exp, so nothing overflows).  With ``checkpoint=True``
-(default) each tile pair runs under ``torch.utils.checkpoint``: autograd then
-keeps only the per-row results (``O(N1 * N2 / tile_size)`` numbers) and
-recomputes one ``tile_size x tile_size`` block at a time during backward,
-instead of keeping every block's similarities (``O(N1 * N2)``) alive until
-backward.
+(default) a custom autograd function does the same walk in backward,
+recomputing one ``tile_size x tile_size`` block at a time and turning it into
+gradients at once, so memory stays that of a few blocks whatever N1 and N2.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from ._checks import (
     at_least_float32,
@@ -53,6 +50,57 @@ def _tile_log_sum_exp(
     log_positive = torch.logsumexp(logits.masked_fill(~positive, floor), dim=1)
     log_all = torch.logsumexp(logits.masked_fill(~valid, floor), dim=1)
     return log_positive, log_all
+
+
+class _RowLogSumExp(torch.autograd.Function):
+    """Per row of ``rows``: log-sum-exp over its positive and over its valid columns of ``cols``.
+
+    Forward and backward both walk ``cols`` in tiles of ``tile_size`` and keep
+    only per-row results between tiles; backward recomputes one tile's
+    similarities at a time and turns them into gradients straight away, so
+    memory is ``O(len(rows) * tile_size)`` however many columns there are.
+    (``torch.utils.checkpoint`` per tile was not enough: autograd may recompute
+    many tiles before it consumes them, and the peak grew with N1 * N2.)
+    The gradient of a log-sum-exp with respect to a logit is its soft-max weight.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, cols, row_labels, col_labels, tau, background, tile_size):
+        log_positive = log_all = None
+        for start in range(0, cols.shape[0], tile_size):
+            tile = slice(start, start + tile_size)
+            tile_positive, tile_all = _tile_log_sum_exp(rows, row_labels, cols[tile], col_labels[tile], tau,
+                                                        background)
+            if log_positive is None:
+                log_positive, log_all = tile_positive, tile_all
+            else:
+                log_positive = torch.logaddexp(log_positive, tile_positive)
+                log_all = torch.logaddexp(log_all, tile_all)
+        ctx.save_for_backward(rows, cols, row_labels, col_labels, log_positive, log_all)
+        ctx.tau, ctx.background, ctx.tile_size = tau, background, tile_size
+        return log_positive, log_all
+
+    @staticmethod
+    def backward(ctx, grad_positive, grad_all):
+        rows, cols, row_labels, col_labels, log_positive, log_all = ctx.saved_tensors
+        tau, background, tile_size = ctx.tau, ctx.background, ctx.tile_size
+        grad_rows = torch.zeros_like(rows)
+        grad_cols = torch.zeros_like(cols)
+        row_valid = (row_labels != background)[:, None]
+        for start in range(0, cols.shape[0], tile_size):
+            tile = slice(start, start + tile_size)
+            logits = rows @ cols[tile].T / tau
+            valid = row_valid & (col_labels[tile] != background)[None, :]
+            positive = valid & (row_labels[:, None] == col_labels[tile][None, :])
+            weight = torch.zeros_like(logits)
+            if grad_positive is not None:
+                weight += torch.where(positive, torch.exp(logits - log_positive[:, None]), 0.0) * grad_positive[:, None]
+            if grad_all is not None:
+                weight += torch.where(valid, torch.exp(logits - log_all[:, None]), 0.0) * grad_all[:, None]
+            weight /= tau
+            grad_rows += weight @ cols[tile]
+            grad_cols[tile] += weight.T @ rows
+        return grad_rows, grad_cols, None, None, None, None, None
 
 
 def _pair_counts(y1: torch.Tensor, y2: torch.Tensor, background: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,10 +163,10 @@ def label_contrastive_loss(
             does not depend on it (up to rounding).  The default 4096 makes a
             typical MixCL batch (128 pixels per class) a single tile.
         checkpoint: recompute each tile in backward instead of keeping all tiles'
-            similarities for autograd (default True; see the module docstring).
-            Measured on CPU, N1 = N2 = 16000, C = 32, tile 1024: about 0.13 GiB
-            peak with checkpointing against 2.4 GiB without, for about twice the
-            compute of the loss itself.
+            similarities for autograd (default True).  Measured on the CPU, C = 64,
+            tile 4096: peak growth 960 MiB at N1 = N2 = 8192 and 1012 MiB at 16384
+            (``benchmarks/bench_mixcl.py``), where the dense matrix alone would be
+            256 MiB and 1 GiB and grows with N^2.
 
     Returns:
         Scalar tensor, float32 (float64 for float64 input); computed with
@@ -149,26 +197,24 @@ def label_contrastive_loss(
         if not bool(has_positive.any()):
             return zero
 
-        use_checkpoint = checkpoint and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+        recompute = checkpoint and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
         log_positive_rows = []
         log_all_rows = []
         for start in range(0, a.shape[0], tile_size):
             rows = slice(start, start + tile_size)
-            log_positive = log_all = None
-            for col_start in range(0, b.shape[0], tile_size):
-                cols = slice(col_start, col_start + tile_size)
-                args = (a[rows], y1[rows], b[cols], y2[cols], tau, background)
-                if use_checkpoint:
-                    tile_positive, tile_all = torch.utils.checkpoint.checkpoint(
-                        _tile_log_sum_exp, *args, use_reentrant=False
-                    )
-                else:
-                    tile_positive, tile_all = _tile_log_sum_exp(*args)
-                if log_positive is None:
-                    log_positive, log_all = tile_positive, tile_all
-                else:
-                    log_positive = torch.logaddexp(log_positive, tile_positive)
-                    log_all = torch.logaddexp(log_all, tile_all)
+            if recompute:
+                log_positive, log_all = _RowLogSumExp.apply(a[rows], b, y1[rows], y2, tau, background, tile_size)
+            else:
+                log_positive = log_all = None
+                for col_start in range(0, b.shape[0], tile_size):
+                    cols = slice(col_start, col_start + tile_size)
+                    tile_positive, tile_all = _tile_log_sum_exp(a[rows], y1[rows], b[cols], y2[cols], tau,
+                                                                background)
+                    if log_positive is None:
+                        log_positive, log_all = tile_positive, tile_all
+                    else:
+                        log_positive = torch.logaddexp(log_positive, tile_positive)
+                        log_all = torch.logaddexp(log_all, tile_all)
             log_positive_rows.append(log_positive)
             log_all_rows.append(log_all)
         log_positive = torch.cat(log_positive_rows)
