@@ -212,6 +212,9 @@ try:
         results[normalization] = {"loss": loss.detach(), "local_loss": local.detach(),
                                   "grad1": z1.grad, "grad2": z2.grad}
     torch.save(results, OUTPUT_PATH)
+    # Both ranks leave together: a rank tearing gloo down while the other is still in a
+    # collective aborted the process ("terminate called without an active exception").
+    dist.barrier()
 finally:
     dist.destroy_process_group()
 """
