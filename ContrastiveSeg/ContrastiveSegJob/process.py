@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 from .commands import EngineRun
 from .events import ProgressState, is_progress_bar, split_event_line
@@ -33,8 +33,8 @@ LineCallback = Callable[[str], None]
 ExitCallback = Callable[[int], None]
 
 
-class ProcessRunner:
-    """Interface of a process runner (duck-typed; subclassing is optional).
+class ProcessRunner(Protocol):
+    """Interface of a process runner (a structural type: subclassing is optional).
 
     ``start`` launches ``argv`` and returns at once; ``on_line`` is called with
     each line of merged stdout/stderr and ``on_exit`` once with the exit code,
@@ -42,24 +42,20 @@ class ProcessRunner:
     """
 
     def start(self, argv: Sequence[str], cwd: Optional[str], env: Optional[Dict[str, str]],
-              on_line: LineCallback, on_exit: ExitCallback) -> None:
-        raise NotImplementedError
+              on_line: LineCallback, on_exit: ExitCallback) -> None: ...
 
-    def is_running(self) -> bool:
-        raise NotImplementedError
+    def is_running(self) -> bool: ...
 
-    def pid(self) -> Optional[int]:
-        raise NotImplementedError
+    def pid(self) -> Optional[int]: ...
 
     def poll(self) -> None:
         """Deliver pending callbacks on the calling thread (runners driven by Qt do nothing)."""
 
 
-class Scheduler:
+class Scheduler(Protocol):
     """Interface of a timer: call ``callback`` once after ``delay_s`` seconds, on the GUI thread."""
 
-    def call_later(self, delay_s: float, callback: Callable[[], None]) -> None:
-        raise NotImplementedError
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> None: ...
 
     def run_due(self) -> None:
         """Run the callbacks that are due (timers driven by Qt do nothing)."""
