@@ -52,6 +52,20 @@ def _tile_log_sum_exp(
     return log_positive, log_all
 
 
+def _walk_column_tiles(rows, cols, row_labels, col_labels, tau, background, tile_size):
+    """Per row: the log-sum-exps of :func:`_tile_log_sum_exp` over all of ``cols``, merged tile by tile."""
+    log_positive = log_all = None
+    for start in range(0, cols.shape[0], tile_size):
+        tile = slice(start, start + tile_size)
+        tile_positive, tile_all = _tile_log_sum_exp(rows, row_labels, cols[tile], col_labels[tile], tau, background)
+        if log_positive is None:
+            log_positive, log_all = tile_positive, tile_all
+        else:
+            log_positive = torch.logaddexp(log_positive, tile_positive)
+            log_all = torch.logaddexp(log_all, tile_all)
+    return log_positive, log_all
+
+
 class _RowLogSumExp(torch.autograd.Function):
     """Per row of ``rows``: log-sum-exp over its positive and over its valid columns of ``cols``.
 
@@ -66,16 +80,7 @@ class _RowLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cols, row_labels, col_labels, tau, background, tile_size):
-        log_positive = log_all = None
-        for start in range(0, cols.shape[0], tile_size):
-            tile = slice(start, start + tile_size)
-            tile_positive, tile_all = _tile_log_sum_exp(rows, row_labels, cols[tile], col_labels[tile], tau,
-                                                        background)
-            if log_positive is None:
-                log_positive, log_all = tile_positive, tile_all
-            else:
-                log_positive = torch.logaddexp(log_positive, tile_positive)
-                log_all = torch.logaddexp(log_all, tile_all)
+        log_positive, log_all = _walk_column_tiles(rows, cols, row_labels, col_labels, tau, background, tile_size)
         ctx.save_for_backward(rows, cols, row_labels, col_labels, log_positive, log_all)
         ctx.tau, ctx.background, ctx.tile_size = tau, background, tile_size
         return log_positive, log_all
@@ -202,19 +207,8 @@ def label_contrastive_loss(
         log_all_rows = []
         for start in range(0, a.shape[0], tile_size):
             rows = slice(start, start + tile_size)
-            if recompute:
-                log_positive, log_all = _RowLogSumExp.apply(a[rows], b, y1[rows], y2, tau, background, tile_size)
-            else:
-                log_positive = log_all = None
-                for col_start in range(0, b.shape[0], tile_size):
-                    cols = slice(col_start, col_start + tile_size)
-                    tile_positive, tile_all = _tile_log_sum_exp(a[rows], y1[rows], b[cols], y2[cols], tau,
-                                                                background)
-                    if log_positive is None:
-                        log_positive, log_all = tile_positive, tile_all
-                    else:
-                        log_positive = torch.logaddexp(log_positive, tile_positive)
-                        log_all = torch.logaddexp(log_all, tile_all)
+            walk = _RowLogSumExp.apply if recompute else _walk_column_tiles
+            log_positive, log_all = walk(a[rows], b, y1[rows], y2, tau, background, tile_size)
             log_positive_rows.append(log_positive)
             log_all_rows.append(log_all)
         log_positive = torch.cat(log_positive_rows)
