@@ -94,3 +94,19 @@ def tiny_config(datasets, labels, max_steps=4, val_datasets=(), **train):
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+# Tests of tiny tensors: one thread per process is faster than two that spin against each other
+# (and against anything else running on a two-core machine).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's in-process tests on one torch thread (use with ``pytest.mark.usefixtures``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

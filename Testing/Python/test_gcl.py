@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TINY_ARGS, run_cli, tiny_config, write_dataset
+from conftest import ONE_THREAD, TINY_ARGS, run_cli, tiny_config, write_dataset
 
 from ContrastiveSegLib.config import ModelConfig
 from ContrastiveSegLib.data.meta_labels import MISSING, MetaLabels, position_bin
@@ -27,17 +27,7 @@ from ContrastiveSegLib.models import build_backbone
 from ContrastiveSegLib.pretrain import method_settings, run_pretrain
 
 NO_BATCH_ONE = [a for a in TINY_ARGS if a not in ("--batch-size", "1")]
-# The tensors here are tiny: one thread per process is faster than two that spin against each other
-# (and against anything else running on a two-core machine).
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- meta labels --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_DIR, TINY_ARGS, run_cli, tiny_config, write_dataset
+from conftest import ONE_THREAD, SAMPLE_DIR, TINY_ARGS, run_cli, tiny_config, write_dataset
 from torch import nn
 
 from ContrastiveSegLib.data.preprocess import PreparedCase
@@ -35,17 +35,7 @@ from ContrastiveSegJob.events import ProgressState  # noqa: E402
 from ContrastiveSegJob.runfolder import RunStatus, run_status  # noqa: E402
 
 LABELS = ["liver", "spleen"]
-# The tensors here are tiny: one thread per process is faster than two that spin against each other (and
-# against anything else running on a two-core machine).
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- anchors and prototypes
