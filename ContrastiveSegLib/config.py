@@ -129,6 +129,13 @@ class RunConfig:
         )
 
 
+def resumed_config(saved: Dict[str, Any], given: "RunConfig") -> "RunConfig":
+    """The settings a ``--resume`` continues with: the run's saved ones, with ``max_steps`` raised to ``given``'s."""
+    config = RunConfig.from_dict(saved)
+    config.train.max_steps = max(config.train.max_steps, given.train.max_steps)
+    return config
+
+
 def software_versions() -> Dict[str, str]:
     """Versions of the packages a result depends on, for config.json and ``info``."""
     import platform

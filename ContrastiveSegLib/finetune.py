@@ -15,13 +15,13 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import RunConfig, software_versions
+from .config import RunConfig, resumed_config, software_versions
 from .data.catalog import Case, check_target_names, load_datasets
 from .data.labels import output_label_map
 from .data.preprocess import CasePreparer, PreparedCase
 from .data.sampling import PatchSampler, SupervisedPatches, kfold_split, select_labeled_fraction
 from .engine.checkpoint import load_pretrained_weights
-from .engine.device import DistributedContext, setup_distributed, teardown_distributed
+from .engine.device import DistributedContext, distributed
 from .engine.events import EventLog
 from .engine.inference import sliding_window_probabilities
 from .engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
@@ -80,14 +80,9 @@ def run_finetune(config: RunConfig, out: str, resume: bool = False, events_stdou
     """Fine-tune (or train from scratch) as ``config`` says, into the run folder ``out``."""
     run = RunFolder(out)
     if resume:
-        saved = RunConfig.from_dict(run.read_json(run.config))
-        saved.train.max_steps = max(saved.train.max_steps, config.train.max_steps)
-        config = saved
-    context = setup_distributed(config.device)
-    try:
+        config = resumed_config(run.read_json(run.config), config)
+    with distributed(config.device) as context:
         return _finetune(config, run, context, resume, events_stdout, listeners, progress)
-    finally:
-        teardown_distributed(context)
 
 
 def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, resume: bool, events_stdout: bool,

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import importlib
 import json
-from typing import Any, Callable, Dict, Iterable, Mapping
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 
-from .config import RunConfig, software_versions
+from .config import RunConfig, resumed_config, software_versions
 from .data.catalog import load_datasets
 from .data.labels import output_label_map
 from .data.preprocess import CasePreparer
 from .data.sources import prepare_sources, vocabulary
-from .engine.device import DistributedContext, setup_distributed, teardown_distributed
+from .engine.device import DistributedContext, distributed
 from .engine.events import EventLog
 from .engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
 from .engine.trainer import Trainer
@@ -92,20 +92,25 @@ def _number_or_text(raw: str):
     return raw
 
 
-def method_settings(name: str, overrides: Iterable[str] = (), **explicit) -> Dict[str, Any]:
-    """The method's ``DEFAULTS`` updated with ``--set`` strings and explicit (already typed) values."""
-    defaults = dict(method_module(name).DEFAULTS)
+def merge_settings(defaults: Mapping[str, Any], name: str, overrides: Iterable[str] = (),
+                   explicit: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """``defaults`` updated with ``--set KEY=VALUE`` strings, then explicit (typed) values; None keeps a default."""
     settings = dict(defaults)
     for text in overrides:
         key, value = parse_setting(text, defaults, name)
         settings[key] = value
-    for key, value in explicit.items():
+    for key, value in (explicit or {}).items():
         if value is not None:
             if key not in defaults:
                 raise InputError(f"{key} is not a setting of {name}", path="command line")
             settings[key] = value
     settings["name"] = name
     return settings
+
+
+def method_settings(name: str, overrides: Iterable[str] = (), **explicit) -> Dict[str, Any]:
+    """The method's ``DEFAULTS`` updated with ``--set`` strings and explicit (already typed) values."""
+    return merge_settings(method_module(name).DEFAULTS, name, overrides, explicit)
 
 
 def freeze_untrained(backbone: torch.nn.Module, trains_decoder: bool) -> None:
@@ -128,14 +133,9 @@ def run_pretrain(config: RunConfig, out: str, resume: bool = False, events_stdou
     """Pre-train as ``config`` says (``config.method["name"]`` picks the method), into the run folder ``out``."""
     run = RunFolder(out)
     if resume:
-        saved = RunConfig.from_dict(run.read_json(run.config))
-        saved.train.max_steps = max(saved.train.max_steps, config.train.max_steps)
-        config = saved
-    context = setup_distributed(config.device)
-    try:
+        config = resumed_config(run.read_json(run.config), config)
+    with distributed(config.device) as context:
         return _pretrain(config, run, context, resume, events_stdout, listeners, progress)
-    finally:
-        teardown_distributed(context)
 
 
 def _pretrain(config: RunConfig, run: RunFolder, context: DistributedContext, resume: bool, events_stdout: bool,

@@ -54,7 +54,7 @@ from .data.labels import output_label_map
 from .data.preprocess import CasePreparer, PreparedCase
 from .data.sampling import PatchSampler, SupervisedPatches
 from .engine.checkpoint import load_checkpoint, load_pretrained_weights, save_checkpoint
-from .engine.device import DistributedContext, setup_distributed, teardown_distributed
+from .engine.device import DistributedContext, distributed
 from .engine.events import EventLog, read_events
 from .engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
 from .engine.trainer import Trainer
@@ -70,19 +70,10 @@ STATE_FORMAT = 1
 
 def selftrain_settings(overrides: Iterable[str] = (), **explicit) -> Dict[str, Any]:
     """``DEFAULTS`` updated with ``--set KEY=VALUE`` strings and explicit (typed) values; None keeps the default."""
-    from .pretrain import parse_setting
+    from .pretrain import merge_settings
 
-    settings = dict(DEFAULTS)
-    for text in overrides:
-        key, value = parse_setting(text, DEFAULTS, "selftrain")
-        settings[key] = value
-    for key, value in explicit.items():
-        if value is not None:
-            if key not in DEFAULTS:
-                raise InputError(f"{key} is not a setting of selftrain", path="command line")
-            settings[key] = value
+    settings = merge_settings(DEFAULTS, "selftrain", overrides, explicit)
     check_settings(settings)
-    settings["name"] = "selftrain"
     return settings
 
 
@@ -283,11 +274,8 @@ def run_selftrain(config: RunConfig, out: str, resume: bool = False, events_stdo
     if resume:
         # The stage plan depends on the settings: a resumed run keeps the ones it was started with.
         config = RunConfig.from_dict(run.read_json(run.config))
-    context = setup_distributed(config.device)
-    try:
+    with distributed(config.device) as context:
         return _SelfTraining(config, run, context, events_stdout, listeners, progress).execute(resume)
-    finally:
-        teardown_distributed(context)
 
 
 class _SelfTraining:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -68,3 +70,13 @@ def teardown_distributed(context: DistributedContext) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device_name: str = "auto") -> Iterator[DistributedContext]:
+    """``setup_distributed`` for the body of a ``with`` block, torn down however the block ends."""
+    context = setup_distributed(device_name)
+    try:
+        yield context
+    finally:
+        teardown_distributed(context)
