@@ -1,9 +1,11 @@
 """``contrastiveseg demo``: the whole pipeline on the shipped sample CT, on a CPU, in minutes.
 
 1. fine-tune a light U-Net on patient A (``sample_data/abdomen_ct.nii.gz``) for
-   four organs, validating on patient B;
+   four organs; patient B is validated on along the way only so that the
+   training curves show how it generalises;
 2. predict patient B (a DICOM series the network never trained on) onto its
-   own grid;
+   own grid with the *last* checkpoint: choosing the best validation
+   checkpoint would select the model on the very patient it is scored on;
 3. compare with patient B's labels (per-organ Dice; the label grid has its y
    axis flipped, so this also exercises the geometry handling);
 4. write the prediction (.nii.gz and Slicer .seg.nrrd), an overlay PNG and a
@@ -87,7 +89,7 @@ def run_demo(out: str = "demo-output", quick: bool = False, device: str = "auto"
           f"({config.train.max_steps} steps, device {choose_device(device)})", file=sys.stderr)
     run_finetune(config, run_dir)
 
-    model = load_model(run_dir, choose_device(device))
+    model = load_model(run_dir, choose_device(device), checkpoint="last")
     image = read_image(paths["heldout_image"])
     labels, _ = predict_image(model, paths["heldout_image"], overlap=0.5, image=image)
     names = {value: name for value, name in model.labels.items() if value != 0}
@@ -104,8 +106,9 @@ def run_demo(out: str = "demo-output", quick: bool = False, device: str = "auto"
             if key != "0" and value in names.values():
                 reference_names[int(key)] = value
     metrics = evaluate_files(prediction, paths["heldout_labels"], names, reference_names)
-    metrics["note"] = ("patient B was never trained on; labels of both patients are TotalSegmentator predictions, "
-                       "not manual ground truth")
+    metrics["note"] = ("patient B was never trained on and no checkpoint was chosen on it (the last one is scored); "
+                       "labels of both patients are TotalSegmentator predictions, not manual ground truth")
+    metrics["checkpoint"] = os.path.relpath(model.checkpoint, out).replace(os.sep, "/")
     metrics["training_steps"] = config.train.max_steps
     metrics["seconds"] = round(time.time() - started, 1)
     write_json_atomic(os.path.join(out, "metrics.json"), metrics)
@@ -127,7 +130,7 @@ def run_demo(out: str = "demo-output", quick: bool = False, device: str = "auto"
                      reference_zyx=reference_mapped)
     save_training_curves(os.path.join(run_dir, "events.jsonl"), os.path.join(out, "training_curves.png"))
 
-    print("\nPer-organ Dice on the held-out patient (never trained on):", file=sys.stderr)
+    print("\nPer-organ Dice on the held-out patient (never trained on; last checkpoint):", file=sys.stderr)
     print(format_table(metrics))
     print(f"\nwrote {out}/: heldout_prediction.nii.gz, heldout_prediction.seg.nrrd, overlay.png, "
           f"training_curves.png, metrics.json, run/  ({metrics['seconds']:.0f} s)", file=sys.stderr)

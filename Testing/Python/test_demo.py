@@ -20,6 +20,8 @@ def test_quick_demo_runs_and_reports_dice(tmp_path):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["dice"]) == {"liver", "spleen", "stomach", "aorta"}
+    # Patient B is validated on for the curves, so the scored model must not be the one chosen on it.
+    assert metrics["checkpoint"] == "run/checkpoints/last.pt"
     assert "liver" in result.stdout and "mean" in result.stdout  # the printed table
     # The prediction of the DICOM patient is on the DICOM grid, 512 x 512 x 20.
     assert read_label_image(str(out / "heldout_prediction.seg.nrrd")).image.GetSize() == (512, 512, 20)
