@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--patch", default="64,64,32")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--label-sizes", default="1024,4096,16384,65536")
+    parser.add_argument("--label-sizes", default="1024,4096,16384,65536",
+                        help="pixels per side of the label-loss runs; an empty string skips them")
     args = parser.parse_args()
     import torch
 
@@ -117,7 +118,7 @@ def main() -> None:
                       "mixcl_over_supervised": round(method["seconds_per_step_median"]
                                                      / supervised["seconds_per_step_median"], 2)}
     report["label_loss"] = [run_child("bench_mixcl", "_label_loss_child", int(n), args.device, 2)
-                            for n in args.label_sizes.split(",")]
+                            for n in args.label_sizes.split(",") if n.strip()]
     print(json.dumps(report, indent=2))
 
 

@@ -74,6 +74,17 @@ def run_cli(args, cwd=None, env=None, timeout=600):
                           timeout=timeout)
 
 
+def run_torchrun(args, processes=2, timeout=600):
+    """``torchrun --standalone --nproc_per_node N -m ContrastiveSegLib ARGS`` on the CPU (gloo), one thread a rank."""
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "ContrastiveSegLib"] + [str(a) for a in args]
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
+    return subprocess.run([sys.executable] + command, cwd=REPO_ROOT, env=full_env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=timeout)
+
+
 def tiny_config(datasets, labels, max_steps=4, val_datasets=(), **train):
     """A RunConfig for in-process runs: tiny U-Net, coarse 6 mm grid, single-threaded loading."""
     from ContrastiveSegLib.config import RunConfig

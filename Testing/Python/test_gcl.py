@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import ONE_THREAD, TINY_ARGS, run_cli, tiny_config, write_dataset
+from conftest import ONE_THREAD, TINY_ARGS, run_cli, run_torchrun, tiny_config, write_dataset
 
 from ContrastiveSegLib.config import ModelConfig
 from ContrastiveSegLib.data.meta_labels import MISSING, MetaLabels, position_bin
@@ -388,6 +388,24 @@ def test_pretrain_gcl_then_finetune_from_it(tmp_path, two_datasets, tiny_dataset
     run_finetune(config, str(tuned), progress=False)
     report = json.loads((tuned / "init_report.json").read_text(encoding="utf-8"))
     assert report["loaded"] and all(k.startswith(("net.conv_0.", "net.down_")) for k in report["loaded"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mitigator", ["feature", "param"])
+def test_torchrun_two_cpu_processes_gcl(tmp_path, two_datasets, mitigator):
+    """Both mitigator modes take task gradients inside forward; under DDP every rank must still agree."""
+    a, b, csv_path = two_datasets
+    run = tmp_path / "ddp"
+    result = run_torchrun(["pretrain", "--method", "gcl", "--data", a, "--data", b, "--out", run, "--max-steps", "2",
+                           "--batch-size", "2", "--meta-csv", csv_path, "--mitigator", mitigator, "--device", "cpu",
+                           "--set", "pixels_per_patch=16", "--set", "image_head_dims=32,16"] + NO_BATCH_ONE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(str(run / "events.jsonl"))
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2] and all(np.isfinite(e["loss"]) for e in steps)
+    assert load_checkpoint(str(run / "checkpoints" / "last.pt"))["step"] == 2
 
 
 def test_pretrain_gcl_bad_input_is_reported(tmp_path, two_datasets):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TINY_ARGS, run_cli, tiny_config, write_dataset
+from conftest import TINY_ARGS, run_cli, run_torchrun, tiny_config, write_dataset
 
 from ContrastiveSegLib.config import ModelConfig
 from ContrastiveSegLib.data.catalog import load_datasets
@@ -278,19 +278,11 @@ def test_pretrain_bad_input_is_reported(tmp_path, mixed_datasets):
 def test_torchrun_two_cpu_processes_pretrain(tmp_path, mixed_datasets):
     """Under DDP every trainable tensor must get a gradient each step: the unused class head is frozen."""
     import shutil
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
 
     run = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ContrastiveSegLib", "pretrain", "--method", "mixcl", "--data", mixed_datasets[0],
-               "--data", mixed_datasets[1], "--out", str(run), "--max-steps", "3", "--device", "cpu",
-               "--set", "samples_per_class=16"] + TINY_ARGS
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace",
-                            timeout=600)
+    result = run_torchrun(["pretrain", "--method", "mixcl", "--data", mixed_datasets[0], "--data", mixed_datasets[1],
+                           "--out", run, "--max-steps", "3", "--device", "cpu", "--set", "samples_per_class=16"]
+                          + TINY_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_events(str(run / "events.jsonl"))
     starts = [e for e in events if e["event"] == "start"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import ONE_THREAD, SAMPLE_DIR, TINY_ARGS, run_cli, tiny_config, write_dataset
+from conftest import ONE_THREAD, SAMPLE_DIR, TINY_ARGS, run_cli, run_torchrun, tiny_config, write_dataset
 from torch import nn
 
 from ContrastiveSegLib.data.preprocess import PreparedCase
@@ -469,3 +469,23 @@ def test_unlabelled_input_errors_name_the_folder_and_write_nothing(tmp_path, sel
     with pytest.raises(InputError, match="holds no scans"):
         run_selftrain(config, str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_selftrain(tmp_path, selftrain_data):
+    """Both ranks train every stage, only rank 0 pseudo-labels and writes; the run still reads as one run."""
+    run = tmp_path / "ddp"
+    result = run_torchrun(["selftrain", "--labeled", selftrain_data["labelled"],
+                           "--unlabeled", selftrain_data["unlabelled"], "--val-data", selftrain_data["validation"],
+                           "--labels", "liver,spleen", "--out", run, "--rounds", "1", "--max-steps", "2",
+                           "--agreement-threshold", "0.0", "--device", "cpu"] + TINY_ARGS + ["--batch-size", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(str(run / "events.jsonl"))
+    kinds = [e["event"] for e in events]
+    assert kinds.count("start") == 1 and kinds.count("finished") == 1  # one writer, though two processes trained
+    assert events[kinds.index("start")]["world_size"] == 2
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
+    assert [e["round"] for e in events if e["event"] == "round"] == [0, 1]
+    summary = json.loads((run / "pseudo_labels" / "round_1" / "summary.json").read_text())
+    assert summary["volumes"] == 2
+    assert (run / "checkpoints" / "last.pt").exists()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_ARGS, run_cli, tiny_config
+from conftest import TINY_ARGS, run_cli, run_torchrun, tiny_config
 
 from ContrastiveSegLib.engine.checkpoint import load_checkpoint
 from ContrastiveSegLib.engine.events import read_events
@@ -141,14 +139,8 @@ def test_bad_input_leaves_no_run_folder(tmp_path, tiny_dataset):
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_only_rank_zero_writes(tmp_path, tiny_dataset):
     run = tmp_path / "ddp"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ContrastiveSegLib", "finetune", "--data", tiny_dataset, "--labels", "liver", "--out", str(run),
-               "--max-steps", "3", "--val-every", "3", "--device", "cpu"] + TINY_ARGS
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace",
-                            timeout=600)
+    result = run_torchrun(["finetune", "--data", tiny_dataset, "--labels", "liver", "--out", run,
+                           "--max-steps", "3", "--val-every", "3", "--device", "cpu"] + TINY_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_events(str(run / "events.jsonl"))
     starts = [e for e in events if e["event"] == "start"]
