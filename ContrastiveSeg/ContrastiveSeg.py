@@ -161,6 +161,7 @@ class ContrastiveSegParameterNode:
     # applying a model
     modelFolder: str = ""
     predictVolume: vtkMRMLScalarVolumeNode
+    bodyMask: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: vtkMRMLSegmentationNode
 
@@ -547,7 +548,7 @@ class ContrastiveSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.ensureDependencies(ask=True)
             self.ui.statusLabel.text = _("Segmenting {volume}...").format(volume=node.predictVolume.GetName())
             self.logic.predict(node.predictVolume, node.modelFolder, device=node.device, wait=False,
-                               callback=self.onPredictionLoaded)
+                               callback=self.onPredictionLoaded, bodyMask=node.bodyMask)
         self.updateRunButtons()
 
     def onPredictionLoaded(self, segmentationNode) -> None:
@@ -778,12 +779,14 @@ class ContrastiveSegLogic(ScriptedLoadableModuleLogic):
 
     # -- applying ----------------------------------------------------------------------------
     def predict(self, volumeNode, modelFolder: str, outputSegmentation=None, device: str = "auto",
-                wait: bool = True, callback=None):
+                wait: bool = True, callback=None, bodyMask: bool = True):
         """Segment ``volumeNode`` with the model in ``modelFolder`` and load the result.
 
         The volume is written to ``<modelFolder>/predictions/``, the engine's
         ``predict`` runs in a separate process, and its labelmap is loaded as a
         segmentation with one named, coloured segment per organ found.
+        ``bodyMask=False`` keeps organs predicted outside the patient's trunk
+        (air, table, separate limbs), which are background by default.
 
         Returns:
             With ``wait``: the segmentation node (None if prediction failed or was
@@ -806,7 +809,7 @@ class ContrastiveSegLogic(ScriptedLoadableModuleLogic):
         write_volume(volumeNode, imagePath)
         if os.path.exists(outputPath):
             os.remove(outputPath)
-        run = predict_run(python_slicer_executable(), modelFolder, imagePath, outputPath, device)
+        run = predict_run(python_slicer_executable(), modelFolder, imagePath, outputPath, device, bodyMask)
         loaded = {}
 
         def load(result: JobResult) -> None:

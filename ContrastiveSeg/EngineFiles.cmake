@@ -21,6 +21,7 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/demo.py
   ContrastiveSegLib/engine/__init__.py
   ContrastiveSegLib/engine/allocator.py
+  ContrastiveSegLib/engine/body.py
   ContrastiveSegLib/engine/checkpoint.py
   ContrastiveSegLib/engine/device.py
   ContrastiveSegLib/engine/events.py

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
     predict.add_argument("--tta", action="store_true", help="average over flipped copies (8x slower)")
     predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default: best)")
+    predict.add_argument("--no-body-mask", dest="body_mask", action="store_false",
+                         help="keep organs predicted outside the patient's trunk (by default, for CT models, voxels "
+                              "outside the largest connected body region, i.e. air, table and separate limbs, are "
+                              "background)")
 
     evaluate = commands.add_parser("evaluate", help="per-organ Dice of a prediction against a reference",
                                    description="Per-organ Dice (and optionally HD95), labels matched by name, on the reference grid.")
@@ -268,7 +272,7 @@ def _cmd_predict(args) -> int:
         raise InputError(f"{args.overlap} is not in [0, 1)", path="--overlap")
     check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
     model = load_model(args.model, choose_device(args.device), checkpoint=args.checkpoint)
-    labels, _ = predict_image(model, args.image, overlap=args.overlap, flip_tta=args.tta)
+    labels, _ = predict_image(model, args.image, overlap=args.overlap, flip_tta=args.tta, mask_body=args.body_mask)
     names = {value: name for value, name in model.labels.items() if value != 0}
     write_labelmap(args.out, labels, _, names=names, colors=colors_for(list(names.values())))
     present = sorted(int(v) for v in set(labels.reshape(-1).tolist()) if v)

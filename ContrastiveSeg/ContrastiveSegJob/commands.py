@@ -207,14 +207,18 @@ def plan_training(request: TrainingRequest, python_executable: str) -> List[Engi
 
 
 def predict_run(python_executable: str, model_dir: str, image_path: str, output_path: str,
-                device: str = "auto") -> EngineRun:
-    """The ``predict`` command: segment ``image_path`` with the model in ``model_dir``."""
+                device: str = "auto", body_mask: bool = True) -> EngineRun:
+    """The ``predict`` command: segment ``image_path`` with the model in ``model_dir``.
+
+    ``body_mask=False`` keeps organs the network predicts outside the patient's
+    trunk (the engine's ``--no-body-mask``); by default they are background.
+    """
     if not str(output_path).lower().endswith(PREDICTION_EXTENSIONS):
         raise ValueError(f"prediction file {output_path} must end with one of {', '.join(PREDICTION_EXTENSIONS)}")
     if device not in DEVICES:
         raise ValueError(f"Unknown device {device!r}: choose one of {', '.join(DEVICES)}.")
     arguments = ["--model", str(model_dir), "--image", str(image_path), "--out", str(output_path),
-                 "--device", device]
+                 "--device", device] + ([] if body_mask else ["--no-body-mask"])
     return EngineRun("predict", engine_argv(python_executable, "predict", arguments))
 
 

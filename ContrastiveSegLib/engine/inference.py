@@ -122,8 +122,12 @@ def probabilities_to_input_grid(probabilities: np.ndarray, affine_ras: np.ndarra
 
 
 def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, flip_tta: bool = False,
-                  image: Optional[sitk.Image] = None):
-    """Predict one image file; returns ``(labels_zyx uint8 on the input grid, input sitk.Image)``."""
+                  image: Optional[sitk.Image] = None, mask_body: bool = True):
+    """Predict one image file; returns ``(labels_zyx uint8 on the input grid, input sitk.Image)``.
+
+    ``mask_body``: set everything outside the patient's trunk to background
+    (:mod:`.body`), for models trained on CT in HU; other models are left as predicted.
+    """
     from monai.data import MetaTensor
 
     from ..data.io import read_image
@@ -137,4 +141,8 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
                                                  overlap=overlap, flip_tta=flip_tta)
     labels = probabilities_to_input_grid(probabilities.cpu().numpy(), np.asarray(prepared.affine), image)
+    if mask_body and model.config.preprocess.intensity == "ct_window":
+        from .body import mask_outside_body
+
+        labels = mask_outside_body(labels, image)
     return labels, image

@@ -119,3 +119,42 @@ def test_nan_image_is_refused_by_finetune(tmp_path, sample_pieces, sample_label_
     result = run_cli(["finetune", "--data", folder, "--labels", "liver", "--out", tmp_path / "run"] + TINY_ARGS)
     assert result.returncode == 2
     assert "img.nrrd" in result.stderr and "NaN" in result.stderr
+
+
+def _with_a_detached_copy(image: sitk.Image) -> sitk.Image:
+    """``image`` padded with air along x, with a block of its own tissue pasted into that air,
+    detached from the body: organ-like tissue outside the patient, as a limb or a phantom would be."""
+    hu = sitk.GetArrayFromImage(image)                          # (z, y, x)
+    width = hu.shape[2]
+    padded = np.full((hu.shape[0], hu.shape[1], 2 * width), -1000.0, dtype=np.float32)
+    padded[:, :, :width] = hu
+    block = hu[:, 20:-20, width // 4: width // 2]               # liver-side tissue, without the skin
+    padded[:, 20:-20, width + 10: width + 10 + block.shape[2]] = block
+    result = sitk.GetImageFromArray(padded)
+    result.SetSpacing(image.GetSpacing())
+    result.SetOrigin(image.GetOrigin())
+    result.SetDirection(image.GetDirection())
+    return result
+
+
+def test_organs_predicted_outside_the_body_are_background_unless_asked(trained_run, sample_dir, tmp_path):
+    import torch
+
+    from ContrastiveSegLib.engine.body import body_mask
+
+    model = load_model(trained_run, torch.device("cpu"))
+    image = _with_a_detached_copy(sitk.ReadImage(f"{sample_dir}/abdomen_ct.nii.gz", sitk.sitkFloat32))
+    path = tmp_path / "with_copy.nii.gz"
+    sitk.WriteImage(image, str(path))
+    inside = body_mask(image)
+    assert not inside[:, :, image.GetSize()[0] // 2:].any(), "the pasted copy must not be part of the body"
+    masked, _ = predict_image(model, str(path))
+    unmasked, _ = predict_image(model, str(path), mask_body=False)
+    assert (unmasked[~inside] > 0).sum() > 500, "the model should find organs in the pasted tissue"
+    assert (masked[~inside] == 0).all()
+    np.testing.assert_array_equal(masked[inside], unmasked[inside])
+
+    out = tmp_path / "unmasked.nii.gz"
+    result = run_cli(["predict", "--model", trained_run, "--image", path, "--out", out, "--no-body-mask"])
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), unmasked)

@@ -141,6 +141,8 @@ def test_predict_and_evaluate_commands():
                         "/tmp/ct.nrrd", "--out", "/tmp/ct_seg.nrrd", "--device", "cpu"]
     assert run.run_dir is None and run.phase == "predict"
     assert predict_run(PY, "m", "i.nii.gz", "o.seg.nrrd").argv[-1] == "auto"
+    assert predict_run(PY, "m", "i.nii.gz", "o.seg.nrrd", body_mask=False).argv[-3:] == ["--device", "auto",
+                                                                                       "--no-body-mask"]
     with pytest.raises(ValueError, match="must end with"):
         predict_run(PY, "m", "i.nii.gz", "o.png")
     with pytest.raises(ValueError, match="Unknown device"):
@@ -181,6 +183,7 @@ def test_every_command_parses_with_the_engines_own_parser(tmp_path):
     commands += plan_training(request(tmp_path, method="gcl"), PY)
     commands += plan_training(request(tmp_path, method="selftrain", datasets=["/a"], unlabeled_data="/u"), PY)
     commands.append(predict_run(PY, "/m", "/i.nrrd", "/o.nrrd", "cuda"))
+    commands.append(predict_run(PY, "/m", "/i.nrrd", "/o.nrrd", "cpu", body_mask=False))
     commands.append(evaluate_run(PY, "/p.nrrd", "/r.nrrd", "/m", "/x.json"))
     checked = set()
     for run in commands:
