@@ -438,13 +438,7 @@ class _SelfTraining:
             dist.barrier()
 
     def _stop_requested(self) -> bool:
-        flag = os.path.exists(self.run.stop_file) if self.context.is_main else False
-        if self.context.distributed:
-            import torch.distributed as dist
-
-            tensor = torch.tensor([1 if flag else 0], device=self.context.device)
-            dist.broadcast(tensor, src=0)
-            flag = bool(tensor.item())
+        flag = self.context.stop_file_seen(self.run.stop_file)
         if flag and self.context.is_main and os.path.exists(self.run.stop_file):
             os.remove(self.run.stop_file)
         return flag

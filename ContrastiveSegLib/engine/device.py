@@ -29,6 +29,18 @@ class DistributedContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def stop_file_seen(self, stop_file: str) -> bool:
+        """Whether rank 0 sees ``stop_file``, agreed by every rank (only rank 0 reads the run folder,
+        and all ranks must leave the loop at the same step or the next collective hangs)."""
+        flag = os.path.exists(stop_file) if self.is_main else False
+        if self.distributed:
+            import torch.distributed as dist
+
+            tensor = torch.tensor([1 if flag else 0], device=self.device)
+            dist.broadcast(tensor, src=0)
+            flag = bool(tensor.item())
+        return flag
+
 
 def choose_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` -> the CUDA GPU of this rank if there is one, else the CPU."""

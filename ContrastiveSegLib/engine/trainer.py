@@ -135,14 +135,7 @@ class Trainer:
 
     # --- loop -------------------------------------------------------------------------------------------
     def _stop_requested(self) -> bool:
-        flag = os.path.exists(self.run.stop_file) if self.context.is_main else False
-        if self.context.distributed:
-            import torch.distributed as dist
-
-            tensor = torch.tensor([1 if flag else 0], device=self.context.device)
-            dist.broadcast(tensor, src=0)
-            flag = bool(tensor.item())
-        return flag
+        return self.context.stop_file_seen(self.run.stop_file)
 
     def _run_validation(self) -> None:
         # Only rank 0 holds validation cases; every rank meets at the barrier so none runs ahead.

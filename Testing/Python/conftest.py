@@ -85,6 +85,29 @@ def run_torchrun(args, processes=2, timeout=600):
                           encoding="utf-8", errors="replace", timeout=timeout)
 
 
+def assert_pretrain_stop_and_resume_match(make_config, tmp_path, total_steps: int, stop_at: int = 2) -> None:
+    """A run stopped (STOP file) at ``stop_at`` and resumed ends with the same weights as a straight run."""
+    import torch
+
+    from ContrastiveSegLib.engine.checkpoint import load_checkpoint
+    from ContrastiveSegLib.pretrain import run_pretrain
+
+    run_pretrain(make_config(), str(tmp_path / "straight"), progress=False)
+    stopped = tmp_path / "stopped"
+
+    def stop(event):
+        if event["event"] == "step" and event["step"] == stop_at:
+            (stopped / "STOP").write_text("")
+
+    assert run_pretrain(make_config(), str(stopped), listeners=[stop], progress=False)["step"] == stop_at
+    assert run_pretrain(make_config(), str(stopped), resume=True, progress=False)["step"] == total_steps
+    straight = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.pt"))
+    resumed = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))
+    for part in ("model", "extra"):
+        for key in straight[part]:
+            torch.testing.assert_close(straight[part][key], resumed[part][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def tiny_config(datasets, labels, max_steps=4, val_datasets=(), **train):
     """A RunConfig for in-process runs: tiny U-Net, coarse 6 mm grid, single-threaded loading."""
     from ContrastiveSegLib.config import RunConfig

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import ONE_THREAD, TINY_ARGS, run_cli, run_torchrun, tiny_config, write_dataset
+from conftest import (
+    ONE_THREAD,
+    TINY_ARGS,
+    assert_pretrain_stop_and_resume_match,
+    run_cli,
+    run_torchrun,
+    tiny_config,
+    write_dataset,
+)
 
 from ContrastiveSegLib.config import ModelConfig
 from ContrastiveSegLib.data.meta_labels import MISSING, MetaLabels, position_bin
@@ -428,17 +436,4 @@ def test_pretrain_gcl_stop_and_resume_continue_exactly(tmp_path, two_datasets):
         c.method = method_settings("gcl", ["pixels_per_patch=8", "image_head_dims=16,8", "spatial_prob=0.0"])
         return c
 
-    run_pretrain(config(), str(tmp_path / "straight"), progress=False)
-    stopped = tmp_path / "stopped"
-
-    def stop_at_two(event):
-        if event["event"] == "step" and event["step"] == 2:
-            (stopped / "STOP").write_text("")
-
-    assert run_pretrain(config(), str(stopped), listeners=[stop_at_two], progress=False)["step"] == 2
-    assert run_pretrain(config(), str(stopped), resume=True, progress=False)["step"] == 3
-    first = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.pt"))
-    second = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))
-    for part in ("model", "extra"):
-        for key in first[part]:
-            torch.testing.assert_close(first[part][key], second[part][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_pretrain_stop_and_resume_match(config, tmp_path, total_steps=3)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TINY_ARGS, run_cli, run_torchrun, tiny_config, write_dataset
+from conftest import TINY_ARGS, assert_pretrain_stop_and_resume_match, run_cli, run_torchrun, tiny_config, write_dataset
 
 from ContrastiveSegLib.config import ModelConfig
 from ContrastiveSegLib.data.catalog import load_datasets
@@ -247,20 +247,7 @@ def test_pretrain_stop_and_resume_continue_exactly(tmp_path, mixed_datasets):
         c.method = method_settings("mixcl", ["samples_per_class=16", "spatial_prob=0.0"])
         return c
 
-    run_pretrain(config(), str(tmp_path / "straight"), progress=False)
-    stopped = tmp_path / "stopped"
-
-    def stop_at_two(event):
-        if event["event"] == "step" and event["step"] == 2:
-            (stopped / "STOP").write_text("")
-
-    assert run_pretrain(config(), str(stopped), listeners=[stop_at_two], progress=False)["step"] == 2
-    assert run_pretrain(config(), str(stopped), resume=True, progress=False)["step"] == 4
-    a = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.pt"))
-    b = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))
-    for part in ("model", "extra"):
-        for key in a[part]:
-            torch.testing.assert_close(a[part][key], b[part][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_pretrain_stop_and_resume_match(config, tmp_path, total_steps=4)
 
 
 def test_pretrain_bad_input_is_reported(tmp_path, mixed_datasets):
