@@ -1,18 +1,26 @@
-"""Augmented views of a patch for contrastive pre-training (MixCL paper, "Augmentation").
+"""Augmentation of patches: one module for supervised training and for contrastive views.
 
-The paper applies a random elastic deformation and a random affine transform
+Spatial transforms are drawn as parameters (:class:`SpatialTransform`) and turned
+into a dense map of *source coordinates*: for every voxel of the output patch,
+the (fractional) voxel of the input array it samples.  Image and label are
+resampled through the same map (linear / nearest), so they stay aligned; two
+views drawn from one input each have their own map, so the voxel correspondence
+between them is known exactly (a point of the input is at output voxel ``q`` of
+a view when that view's map sends ``q`` to it).
+
+The MixCL paper applies a random elastic deformation and a random affine transform
 to the 3D patch (each with p = 0.5), then turns it into views with random
 intensity shift, gamma, Gaussian smoothing and Gaussian noise (each p = 0.2).
 Only the probabilities are the paper's; the ranges are ours.
-Views made with :func:`intensity_view` from one patch stay voxel-aligned,
-which the pixel-level losses rely on (a voxel's positive is the same voxel in
-the other view).  Every function draws from a ``numpy.random.Generator`` (and seeds each MONAI
+Views made with :func:`intensity_view` from one patch stay voxel-aligned.
+Every function draws from a ``numpy.random.Generator`` (and seeds each MONAI
 transform from it), so a sample is reproducible from its ``(seed, index)``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,23 +29,115 @@ def _seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**31 - 1))
 
 
+@dataclass(frozen=True)
+class SpatialTransform:
+    """A drawn spatial transform from an output patch to an input array, in voxel units.
+
+    ``source = matrix @ (out_voxel - out_centre) + input_centre + elastic(out_voxel)``
+
+    Attributes:
+        matrix: ``[3, 3]`` output-voxel offset -> input-voxel offset (rotation and 1/scale).
+        input_centre: ``[3]`` the input voxel the output patch's centre samples (a crop offset moves it).
+        elastic: ``[3, px, py, pz]`` coarse displacement field in input voxels on control points spanning
+            the output patch (interpolated trilinearly to every voxel), or None.
+    """
+
+    matrix: np.ndarray
+    input_centre: np.ndarray
+    elastic: Optional[np.ndarray] = None
+
+    @staticmethod
+    def identity(input_shape: Sequence[int]) -> "SpatialTransform":
+        """The transform that samples the centre of an input of ``input_shape`` unchanged."""
+        return SpatialTransform(np.eye(3), np.array([(s - 1) / 2.0 for s in input_shape], dtype=np.float64))
+
+    def source_coordinates(self, output_shape: Sequence[int]):
+        """``[X, Y, Z, 3]`` float32 tensor: the input voxel each voxel of an ``output_shape`` patch samples."""
+        import torch
+        import torch.nn.functional as F
+
+        size = [int(s) for s in output_shape]
+        centre = torch.tensor([(s - 1) / 2.0 for s in size], dtype=torch.float32)
+        axes = [torch.arange(s, dtype=torch.float32) for s in size]
+        offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) - centre      # [X, Y, Z, 3]
+        source = offsets @ torch.from_numpy(np.asarray(self.matrix, dtype=np.float32)).T
+        if self.elastic is not None:
+            coarse = torch.from_numpy(np.asarray(self.elastic, dtype=np.float32))
+            field = F.interpolate(coarse[None], size=size, mode="trilinear", align_corners=True)[0]
+            source = source + field.permute(1, 2, 3, 0)
+        return source + torch.from_numpy(np.asarray(self.input_centre, dtype=np.float32))
+
+
+def resample(array: np.ndarray, source, mode: str = "bilinear") -> np.ndarray:
+    """Sample ``array [C, X, Y, Z]`` at ``source [x, y, z, 3]`` input-voxel coordinates (zeros outside).
+
+    ``mode`` is ``"bilinear"`` (trilinear, for images) or ``"nearest"`` (for labels; the
+    dtype is kept).  Returns ``[C, x, y, z]``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    size = [int(s) for s in array.shape[1:]]
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in size], dtype=torch.float32)
+    grid = (source * scale - 1.0).flip(-1)[None]   # grid_sample wants (z, y, x) order = (W, H, D)
+    as_float = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    moved = F.grid_sample(as_float, grid, mode=mode, padding_mode="zeros", align_corners=True)[0].numpy()
+    if mode == "nearest":
+        return moved.round().astype(array.dtype)
+    return moved.astype(np.float32)
+
+
+def draw_spatial_transform(rng: np.random.Generator, input_shape: Sequence[int], *,
+                           affine_prob: float = 0.5, elastic_prob: float = 0.5,
+                           max_rotation=0.26, scale_range: Tuple[float, float] = (0.9, 1.1),
+                           control_points: Optional[Sequence[int]] = None, max_displacement: float = 3.0,
+                           output_shape: Optional[Sequence[int]] = None,
+                           control_spacing: int = 16) -> SpatialTransform:
+    """Draw an affine (rotation about each axis, a scale per axis) and an elastic transform.
+
+    * affine, with ``affine_prob``: rotation about axis ``a`` uniform in ``+-max_rotation[a]`` rad
+      (a scalar applies to all three axes) and a zoom per axis uniform in ``scale_range``
+      (a zoom above 1 enlarges the anatomy: the output samples a smaller input region);
+    * elastic, with ``elastic_prob``: a displacement per axis on control points every
+      ``control_spacing`` voxels of the output patch, normal with a standard deviation uniform
+      in ``[0, max_displacement]`` voxels.  (MONAI's ``Rand3DElastic`` smooths a
+      full-resolution random field instead, about a second per 64x64x32 patch on a CPU core;
+      this costs milliseconds and gives the same kind of smooth deformation.)
+
+    The output patch is centred on the centre of ``input_shape``.  The draws are made in a
+    fixed order, so one generator state gives one transform.
+    """
+    elastic, affine = rng.random() < elastic_prob, rng.random() < affine_prob
+    matrix = np.eye(3)
+    if affine:
+        limits = np.broadcast_to(np.asarray(max_rotation, dtype=np.float64), (3,))
+        if np.all(limits == limits[0]):
+            angles = rng.uniform(-limits[0], limits[0], size=3)
+        else:
+            angles = rng.uniform(-limits, limits)
+        scales = rng.uniform(scale_range[0], scale_range[1], size=3)
+        matrix = _rotation(angles) @ np.diag(1.0 / scales)   # output voxel -> input voxel
+    field = None
+    if elastic:
+        shape = [int(s) for s in (output_shape if output_shape is not None else input_shape)]
+        points = list(control_points) if control_points is not None else \
+            [max(2, int(np.ceil(s / control_spacing)) + 1) for s in shape]
+        sigma = rng.uniform(0.0, max_displacement)
+        field = rng.normal(0.0, sigma, size=[3] + points)
+    centre = np.array([(s - 1) / 2.0 for s in input_shape], dtype=np.float64)
+    return SpatialTransform(matrix, centre, field)
+
+
 def spatial_augment(image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator,
                     prob: float = 0.5, max_rotation: float = 0.26, max_scale: float = 0.1,
                     control_spacing: int = 16, max_displacement: float = 3.0) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Random elastic deformation and random affine transform, each with probability ``prob``.
 
-    Both are composed into one sampling grid and applied in a single resampling
+    Both are composed into one sampling map and applied in a single resampling
     (bilinear for the image, nearest for the label, zeros outside), in voxel
-    units so a rotation stays a rotation on anisotropic patches.
-
-    * affine (ours: the paper gives no ranges): rotation about each axis uniform
-      in ``+-max_rotation`` rad (15 degrees) and a scale per axis in ``1 +- max_scale``;
-    * elastic (ours): a displacement per axis drawn on control points every
-      ``control_spacing`` voxels, normal with a standard deviation uniform in
-      ``[0, max_displacement]`` voxels, interpolated trilinearly to every voxel.
-      (MONAI's ``Rand3DElastic`` smooths a full-resolution random field instead,
-      which costs about a second per 64x64x32 patch on a CPU core; this costs a
-      few milliseconds and gives the same kind of smooth deformation.)
+    units so a rotation stays a rotation on anisotropic patches; the output has
+    the input's shape.  Rotation about each axis is uniform in ``+-max_rotation``
+    rad (15 degrees), the scale per axis in ``1 +- max_scale``.
 
     Args:
         image: ``[1, X, Y, Z]`` float32.
@@ -46,39 +146,14 @@ def spatial_augment(image: np.ndarray, label: Optional[np.ndarray], rng: np.rand
     Returns:
         ``(image, label)`` of the same shapes and dtypes.
     """
-    import torch
-    import torch.nn.functional as F
-
-    elastic, affine = rng.random() < prob, rng.random() < prob
-    if not (elastic or affine):
+    transform = draw_spatial_transform(rng, image.shape[1:], affine_prob=prob, elastic_prob=prob,
+                                       max_rotation=max_rotation, scale_range=(1.0 - max_scale, 1.0 + max_scale),
+                                       control_spacing=control_spacing, max_displacement=max_displacement)
+    if transform.elastic is None and np.array_equal(transform.matrix, np.eye(3)):
         return image, label
-    size = [int(s) for s in image.shape[1:]]
-    centre = torch.tensor([(s - 1) / 2.0 for s in size], dtype=torch.float32)
-    axes = [torch.arange(s, dtype=torch.float32) for s in size]
-    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) - centre      # [X, Y, Z, 3]
-    source = offsets
-    if affine:
-        angles = rng.uniform(-max_rotation, max_rotation, size=3)
-        scales = rng.uniform(1.0 - max_scale, 1.0 + max_scale, size=3)
-        matrix = torch.from_numpy((_rotation(angles) @ np.diag(1.0 / scales)).astype(np.float32))   # output voxel -> input voxel
-        source = offsets @ matrix.T
-    if elastic:
-        points = [max(2, int(np.ceil(s / control_spacing)) + 1) for s in size]
-        sigma = rng.uniform(0.0, max_displacement)
-        coarse = torch.from_numpy(rng.normal(0.0, sigma, size=[3] + points).astype(np.float32))
-        field = F.interpolate(coarse[None], size=size, mode="trilinear", align_corners=True)[0]
-        source = source + field.permute(1, 2, 3, 0)
-    source = source + centre
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in size], dtype=torch.float32)
-    grid = (source * scale - 1.0).flip(-1)[None]   # grid_sample wants (z, y, x) order = (W, H, D)
-    moved = F.grid_sample(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], grid,
-                          mode="bilinear", padding_mode="zeros", align_corners=True)[0].numpy()
-    moved_label = None
-    if label is not None:
-        as_float = torch.from_numpy(np.ascontiguousarray(label).astype(np.float32))[None]
-        moved_label = F.grid_sample(as_float, grid, mode="nearest", padding_mode="zeros",
-                                    align_corners=True)[0].numpy().round().astype(label.dtype)
-    return moved.astype(np.float32), moved_label
+    source = transform.source_coordinates(image.shape[1:])
+    moved_label = resample(label, source, "nearest") if label is not None else None
+    return resample(image, source, "bilinear"), moved_label
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
