@@ -48,8 +48,9 @@ def catalog() -> dict:
 
 
 def cmake_strings(text: str, variable: str) -> List[str]:
-    """The quoted values of ``set(VARIABLE "...")`` read as the Index reads them: plain text, nothing expanded."""
-    return re.findall(r'set\s*\(\s*' + variable + r'\s+"([^"]*)"\s*\)', text, re.IGNORECASE)
+    """The quoted values of ``set(VARIABLE "...")`` read as the Index reads them: plain text, nothing
+    expanded, and (for the screenshot URLs, so here for all) the closing bracket right after the quote."""
+    return re.findall(r'set\s*\(\s*' + variable + r'\s+"([^"]*)"\)', text, re.IGNORECASE)
 
 
 def cmake_value(variable: str) -> str:
