@@ -230,7 +230,7 @@ def predict_run(python_executable: str, model_dir: str, image_path: str, output_
         raise ValueError(f"Unknown device {device!r}: choose one of {', '.join(DEVICES)}.")
     arguments = ["--model", str(model_dir), "--image", str(image_path), "--out", str(output_path),
                  "--device", device] + ([] if body_mask else ["--no-body-mask"])
-    return EngineRun("predict", engine_argv(python_executable, "predict", arguments))
+    return EngineRun("predict", engine_argv(python_executable, "predict", arguments) + ["--events-stdout"])
 
 
 def evaluate_run(python_executable: str, prediction_path: str, reference_path: str, model_dir: str,

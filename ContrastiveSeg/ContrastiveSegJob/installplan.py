@@ -18,9 +18,11 @@ and MONAI 1.5 torch >= 2.4.1.  So the plan has two separate parts:
 in a fresh environment holding an older torch.  No Qt and no Slicer here.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from .commands import EngineRun
 from .requirements import TORCH_REQUIREMENT, split_requirement, version_satisfies
 
 # Distributions the module's pip run must leave exactly as they are.
@@ -115,3 +117,21 @@ def constraint_lines(installed: Mapping[str, Optional[str]]) -> List[str]:
 def pip_install_arguments(plan: InstallPlan, constraints_path: str) -> List[str]:
     """pip's arguments (after ``python -m pip``) for the plan's packages, under the constraints file."""
     return ["install", "--constraint", str(constraints_path), "--disable-pip-version-check"] + list(plan.packages)
+
+
+CONSTRAINTS_FILE = "install-constraints.txt"
+
+
+def pip_install_run(plan: InstallPlan, python_executable: str, folder: str,
+                    installed: Mapping[str, Optional[str]]) -> Optional[EngineRun]:
+    """The pip run of the plan (None when no package is missing), run like an engine process so the GUI
+    shows pip's output and stays responsive.  Writes ``<folder>/install-constraints.txt`` from
+    ``installed``, read after PyTorch was installed if it had to be."""
+    if not plan.packages:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    constraints = os.path.join(folder, CONSTRAINTS_FILE)
+    with open(constraints, "w", encoding="utf-8") as file:
+        file.write("# what the module's pip run may not change (ContrastiveSegJob/installplan.py)\n")
+        file.write("".join(line + "\n" for line in constraint_lines(installed)))
+    return EngineRun("install", [str(python_executable), "-m", "pip"] + pip_install_arguments(plan, constraints))

@@ -170,10 +170,10 @@ def export_segmentation_to_labelmap(scene, segmentation_node, reference_volume, 
                                     label_names: LabelTable) -> Dict[int, str]:
     """Write the segments named in ``label_names`` as one labelmap file on ``reference_volume``'s grid.
 
-    Segments are matched to the table by canonical name ("Kidney Left" matches
-    ``kidney_left``); each matched segment's voxels get its table value, segments
-    not in the table are left out, and where segments overlap the later one in
-    the table wins.
+    Segments are matched to the table by organ (terminology codes, else canonical
+    name: "Left kidney" matches ``kidney_left``); each matched segment's voxels
+    get its table value, segments not in the table are left out, and where
+    segments overlap the later one in the table wins.
 
     Args:
         scene: the ``vtkMRMLScene``.
@@ -190,6 +190,17 @@ def export_segmentation_to_labelmap(scene, segmentation_node, reference_volume, 
     Raises:
         ValueError: no segment matches any organ of the table; the message lists both.
     """
+    steps = labelmap_export_steps(scene, segmentation_node, reference_volume, path, label_names)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def labelmap_export_steps(scene, segmentation_node, reference_volume, path: str, label_names: LabelTable):
+    """:func:`export_segmentation_to_labelmap` one organ at a time: a generator yielding a short description
+    after each organ (so a GUI can let its event loop run in between); its return value is the same dict."""
     table = normalize_label_table(label_names)
     if reference_volume is None:
         raise ValueError("a reference volume is needed: the labelmap must be on the image's grid")
@@ -212,6 +223,7 @@ def export_segmentation_to_labelmap(scene, segmentation_node, reference_volume, 
             labels = np.zeros(mask.shape, dtype=dtype)
         labels[mask] = value
         written[value] = organ
+        yield f"{segmentation_node.GetName()}: {organ}"
     missing = [organ for value, organ in table.items() if value not in written]
     if missing:
         logging.info("segmentation '%s' has no segment for: %s", segmentation_node.GetName(), ", ".join(missing))
@@ -340,6 +352,7 @@ __all__: Sequence[str] = (
     "model_organs",
     "segment_organ",
     "export_segmentation_to_labelmap",
+    "labelmap_export_steps",
     "segment_mask",
     "reference_geometry_volume",
     "segment_ids",
