@@ -5,6 +5,7 @@ import tempfile
 
 import qt
 import slicer
+from ContrastiveSegJob.commands import TrainingRequest
 from ContrastiveSegJob.events import format_duration
 from ContrastiveSegJob.process import JobStatus
 from ContrastiveSegJob.runfolder import delete_output_folder, is_model_folder, read_labels
@@ -75,7 +76,9 @@ class ContrastiveSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetNumberOfRows(), 2)  # both organs, Dice 0 for one the model missed
 
         self.delayDisplay("Cancelling a long run")
-        job = logic.trainRequest(*_request(logic, output, volume, segmentation), checkDependencies=False)
+        long_run = TrainingRequest(output_folder=output, organs=["liver"], model="unet", model_size="tiny",
+                                   patch_size=32, max_steps=100000, device="cpu")
+        job = logic.trainRequest(long_run, [(volume, segmentation)], checkDependencies=False)
         waited = 0.0
         while logic.isRunning() and (logic.controller.state.phase is None or logic.controller.state.phase.step < 1):
             slicer.app.processEvents()
@@ -92,10 +95,3 @@ class ContrastiveSegTest(ScriptedLoadableModuleTest):
         delete_output_folder(output)
         self.delayDisplay(f"Train / predict / cancel passed ({format_duration(waited)} to the first step)")
 
-
-def _request(logic, output, volume, segmentation):
-    from ContrastiveSegJob.commands import TrainingRequest
-
-    request = TrainingRequest(output_folder=output, organs=["liver"], model="unet", model_size="tiny", patch_size=32,
-                              max_steps=100000, device="cpu")
-    return request, [(volume, segmentation)]

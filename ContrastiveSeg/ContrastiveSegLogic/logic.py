@@ -311,7 +311,11 @@ class JobLogic:
             description = next(self._export)
         except StopIteration:
             self._export, then = None, self._exportThen
-            then()
+            try:
+                then()
+            except Exception as error:  # called from a timer: report it, nobody else would
+                self._finishWithoutProcess(JobResult(JobStatus.FAILED, None, f"Training could not start: {error}",
+                                                     job=self.jobKind))
             return
         except Exception as error:
             self._export = None

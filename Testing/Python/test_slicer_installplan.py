@@ -171,3 +171,38 @@ def test_plan_contents():
     with pytest.raises(ValueError):
         make_install_plan(["torch>=2.1"], INSTALLED)
     assert InstallPlan().empty
+
+
+def test_one_consent_dialog_and_pytorch_is_not_asked_twice(monkeypatch, tmp_path):
+    """ContrastiveSegSlicer.dependencies with only the dialog and the PyTorch extension faked (defect 10)."""
+    import types
+
+    import slicer
+    import slicer.util
+
+    monkeypatch.setitem(sys.modules, "slicer.i18n", types.SimpleNamespace(tr=lambda text: text))
+    dialogs, torch_installs = [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **options: dialogs.append(text) or True,
+                        raising=False)
+    installed = {"torch": "2.0.1", "numpy": "1.26.4", "SimpleITK": "2.4.0"}
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            torch_installs.append((askConfirmation, torchVersionRequirement))
+            installed["torch"] = "2.4.0+cu121"  # what the extension chose for the driver
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    sys.modules.pop("ContrastiveSegSlicer.dependencies", None)
+    import ContrastiveSegSlicer.dependencies as dependencies
+
+    monkeypatch.setattr(dependencies, "installed_versions", lambda path: dict(installed))
+    installer = dependencies.SlicerInstaller(str(REQUIREMENTS), lambda: "/opt/Slicer/bin/PythonSlicer")
+    run = installer.prepare(str(tmp_path), ask=True)
+    assert len(dialogs) == 1
+    assert "PyTorch torch>=2.1 (replaces the installed 2.0.1)" in dialogs[0] and "monai>=1.3,<1.7" in dialogs[0]
+    assert torch_installs == [(False, ">=2.1")]  # the extension does not ask a second time
+    assert run.phase == "install" and run.argv[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "pip", "install"]
+    constraints = Path(run.argv[run.argv.index("--constraint") + 1]).read_text().splitlines()
+    assert "torch==2.4.0+cu121" in constraints  # pinned after PyTorch was installed
+    sys.modules.pop("ContrastiveSegSlicer.dependencies", None)

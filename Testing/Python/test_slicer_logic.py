@@ -344,3 +344,17 @@ def test_organs_offered_from_scene_segmentations(harness):
     segment.SetName("Left kidney")  # as TotalSegmentator's Slicer extension names it
     organs = logic.availableOrgans([], [(volume, segmentation)])
     assert "kidney_left" in organs and "left_kidney" not in organs and len(organs) == 41
+
+
+def test_job_folder_names_are_unique_and_say_when_and_what(tmp_path):
+    import datetime
+
+    from ContrastiveSegJob.jobfolders import is_inside, job_folder_name
+
+    moment = datetime.datetime(2026, 1, 30, 14, 15, 2)
+    assert job_folder_name(["liver", "kidney_left"], moment) == "20260130-141502_liver-kidney_left"
+    first = new_job_folder(str(tmp_path), ["liver"], moment)
+    second = new_job_folder(str(tmp_path), ["liver"], moment)
+    assert first != second and second.endswith("_2") and os.path.isdir(first) and os.path.isdir(second)
+    assert is_inside(str(tmp_path / "a" / "b"), [str(tmp_path / "a")]) and not is_inside(str(tmp_path / "ab"),
+                                                                                         [str(tmp_path / "a")])
