@@ -109,6 +109,7 @@ class JobLogic:
         self._export = None          # the generator of a stepwise scene export in progress
         self._exportThen: Optional[Callable[[], None]] = None
         self._exportCancelled = False
+        self._watchedPids = set()
 
     @property
     def scene(self):
@@ -351,9 +352,10 @@ class JobLogic:
         """Slicer quits: ask the trainer to stop (it saves a checkpoint) and leave a watchdog that ends the
         process tree if it has not exited within ``QUIT_GRACE_S``.  Returns at once."""
         self._export = None
-        if not self.controller.running:
-            return
+        if not self.controller.running or self.controller.pid() in self._watchedPids:
+            return  # nothing running, or already handed to a watchdog (cleanup after aboutToQuit)
         run, pid = self.controller.current_run, self.controller.pid()
+        self._watchedPids.add(pid)
         grace = 0.0
         if run is not None and run.run_dir:
             request_stop(run.run_dir)

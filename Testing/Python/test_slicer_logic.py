@@ -286,6 +286,8 @@ def test_application_quit_asks_for_a_stop_and_leaves_a_watchdog(harness):
     logic.onApplicationQuit()
     assert (Path(runner.option("--out")) / "STOP").is_file()
     assert watchdogs == [(runner.pid(), 30.0)] and killed == [] and finished == []
+    logic.onApplicationQuit()  # the module's cleanup after aboutToQuit: one watchdog is enough
+    assert watchdogs == [(runner.pid(), 30.0)]
 
 
 def test_the_watchdog_ends_a_process_that_does_not_stop(tmp_path):
