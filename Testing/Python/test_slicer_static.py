@@ -292,3 +292,18 @@ def test_qt_free_packages_stay_qt_free():
         assert not imported_top_modules(path) & {"qt", "ctk", "torch", "monai"}, path.name
         uses = api_uses(path)
         assert not {u for u in uses if u.startswith(("slicer.util", "slicer.app", "slicer.mrmlScene"))}, path.name
+
+
+def test_windows_helper_processes_open_no_console_window():
+    """taskkill, tasklist and the quit watchdog run with CREATE_NO_WINDOW (a console flashed before)."""
+    tree = ast.parse((MODULE_DIR / "ContrastiveSegJob" / "treekill.py").read_text(encoding="utf-8"))
+    windows_calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("run", "Popen"):
+            text = ast.unparse(node)
+            if "taskkill" in text or "tasklist" in text or "--after" in text or "argv" in text:
+                windows_calls.append(text)
+                assert "creationflags" in text or "**options" in text, text
+    assert len(windows_calls) >= 3
+    source = (MODULE_DIR / "ContrastiveSegJob" / "treekill.py").read_text(encoding="utf-8")
+    assert "NO_WINDOW = 0x08000000" in source and "Slicer does not\nship it" in source
