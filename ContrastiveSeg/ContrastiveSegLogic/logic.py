@@ -240,6 +240,8 @@ class JobLogic:
             request.datasets = list(request.datasets) + ["<scene pairs>"]
         request.validate()  # before any folder is made or any scan exported
         request.datasets = [spec for spec in request.datasets if spec != "<scene pairs>"]
+        # Asked before any folder is made: declining leaves nothing behind.
+        install = self.services.installer.prepare(request.output_folder, True) if checkDependencies else None
         export = None
         if resumeFolder:
             job = absolute(resumeFolder)
@@ -252,7 +254,6 @@ class JobLogic:
                 sceneData = os.path.join(job, SCENE_DATA_FOLDER)
                 export = scene_pair_export_steps(self.scene, scenePairs, sceneData, request.organ_names())
                 request.datasets = list(request.datasets) + [sceneData]
-        install = self.services.installer.prepare(job, checkDependencies) if checkDependencies else None
         self.jobKind = TRAINING
         self._afterJob = None
 
@@ -407,6 +408,7 @@ class JobLogic:
                              "finetune or selftrain folder of a training output.")
         labels = read_labels(modelFolder)
         colors = read_colors(modelFolder)
+        install = self.services.installer.prepare(self.outputRoot(), True) if checkDependencies else None
         safeName = "".join(c if c.isalnum() or c in "-_" else "_" for c in volumeNode.GetName()) or "volume"
         folder = os.path.join(self.outputRoot(), "predictions",
                               f"{datetime.datetime.now():%Y%m%d-%H%M%S}_{safeName}")
@@ -418,7 +420,6 @@ class JobLogic:
             temporaryCopy = imagePath = write_volume(volumeNode, os.path.join(folder, f"{safeName}_input.nrrd"),
                                                      compress=False)
         run = predict_run(self.services.python_executable(), modelFolder, imagePath, outputPath, device, bodyMask)
-        install = self.services.installer.prepare(folder, checkDependencies) if checkDependencies else None
         loaded = {}
 
         def load(result: JobResult) -> None:

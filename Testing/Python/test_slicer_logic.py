@@ -360,3 +360,27 @@ def test_job_folder_names_are_unique_and_say_when_and_what(tmp_path):
     assert first != second and second.endswith("_2") and os.path.isdir(first) and os.path.isdir(second)
     assert is_inside(str(tmp_path / "a" / "b"), [str(tmp_path / "a")]) and not is_inside(str(tmp_path / "ab"),
                                                                                          [str(tmp_path / "a")])
+
+
+def test_packages_install_first_in_the_background_and_declining_leaves_nothing(harness):
+    logic, _, _, finished = harness
+    root = Path(logic.outputRoot())
+
+    class Declined:
+        def prepare(self, folder, ask):
+            raise RuntimeError("Nothing was installed.")
+
+    logic.services.installer = Declined()
+    with pytest.raises(RuntimeError, match="Nothing was installed"):
+        logic.trainRequest(request(root, "liver"))
+    assert not root.exists() and FakeRunner.instances == []
+
+    class Pip:
+        def prepare(self, folder, ask):
+            return EngineRun("install", [PY, "-m", "pip", "install", "--constraint", str(Path(folder) / "c.txt")])
+
+    logic.services.installer = Pip()
+    logic.trainRequest(request(root, "liver"))
+    assert FakeRunner.instances[0].argv[1:4] == ["-m", "pip", "install"]  # a process, not a wait on the GUI
+    FakeRunner.instances[0].exit(0)
+    assert FakeRunner.instances[1].argv[3] == "finetune" and finished == []
