@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
     predict.add_argument("--tta", action="store_true", help="average over flipped copies (8x slower)")
     predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default: best)")
+    predict.add_argument("--events-stdout", action="store_true",
+                         help="print progress events as JSON lines on stdout (start, step 1-3, finished)")
     predict.add_argument("--no-body-mask", dest="body_mask", action="store_false",
                          help="keep organs predicted outside the patient's trunk (by default, for CT models, voxels "
                               "outside the largest connected body region, i.e. air, table and separate limbs, are "
@@ -264,6 +266,7 @@ def _cmd_selftrain(args) -> int:
 def _cmd_predict(args) -> int:
     from .data.io import write_labelmap
     from .engine.device import choose_device
+    from .engine.events import EventLog
     from .engine.inference import load_model, predict_image
     from .engine.runfolder import check_writable_folder
     from .report.colors import colors_for
@@ -271,10 +274,17 @@ def _cmd_predict(args) -> int:
     if not 0.0 <= args.overlap < 1.0:
         raise InputError(f"{args.overlap} is not in [0, 1)", path="--overlap")
     check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
-    model = load_model(args.model, choose_device(args.device), checkpoint=args.checkpoint)
+    events = EventLog(None, to_stdout=args.events_stdout)  # three steps: model loaded, predicted, written
+    device = choose_device(args.device)
+    events.emit("start", total_steps=3, start_step=0, device=str(device))
+    model = load_model(args.model, device, checkpoint=args.checkpoint)
+    events.emit("step", step=1, total=3)
     labels, _ = predict_image(model, args.image, overlap=args.overlap, flip_tta=args.tta, mask_body=args.body_mask)
+    events.emit("step", step=2, total=3)
     names = {value: name for value, name in model.labels.items() if value != 0}
     write_labelmap(args.out, labels, _, names=names, colors=colors_for(list(names.values())))
+    events.emit("step", step=3, total=3)
+    events.emit("finished", step=3, stopped=False)
     present = sorted(int(v) for v in set(labels.reshape(-1).tolist()) if v)
     print(f"wrote {args.out} ({', '.join(names[v] for v in present) or 'no organ found'})", file=sys.stderr)
     return EXIT_OK

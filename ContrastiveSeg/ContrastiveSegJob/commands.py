@@ -19,7 +19,7 @@ No Qt and no Slicer here: the functions only build lists of strings.
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from .labels import parse_organ_list
 from .runfolder import RunStatus, run_status
@@ -57,10 +57,13 @@ class TrainingRequest:
         validation_data: a dataset spec held out for validation Dice (fine-tuning).
         init_checkpoint: start fine-tuning / self-training from these weights.
         model, patch_size, max_steps, pretrain_steps, labeled_fraction, device,
-        seed: engine settings; None leaves the engine's default.
+        seed: engine settings; None leaves the engine's default.  ``patch_size`` is
+            an edge (``64``: a cube) or ``"64,64,32"``.
+        spacing: voxel spacing in mm the scans are resampled to: ``3.0`` or ``"1.5,1.5,2"``.
         model_size: ``tiny``, ``small`` or ``base`` (the engine's ``--model-size``); None
             leaves the engine's default. Not in the GUI: for scripts and the self-test.
-        resume: continue the runs found in the output folder instead of starting over.
+        resume: continue the runs found in the output folder instead of starting over; set
+            only by the module's explicit resume action on a chosen earlier job.
     """
 
     output_folder: str
@@ -73,7 +76,8 @@ class TrainingRequest:
     init_checkpoint: Optional[str] = None
     model: Optional[str] = None
     model_size: Optional[str] = None
-    patch_size: Optional[int] = None
+    patch_size: Optional[Union[int, str]] = None
+    spacing: Optional[Union[float, str]] = None
     max_steps: Optional[int] = None
     pretrain_steps: Optional[int] = None
     labeled_fraction: Optional[float] = None
@@ -109,8 +113,15 @@ class TrainingRequest:
             raise ValueError(f"Unknown model size {self.model_size!r}: choose one of {', '.join(MODEL_SIZES)}.")
         if self.device not in DEVICES:
             raise ValueError(f"Unknown device {self.device!r}: choose one of {', '.join(DEVICES)}.")
-        if self.patch_size is not None and (self.patch_size < 16 or self.patch_size % 16):
-            raise ValueError(f"Patch size {self.patch_size} must be a multiple of 16 (16, 32, 48, 64, 96, ...).")
+        if self.patch_size is not None:
+            edges = _numbers(self.patch_size, int)
+            if edges is None or len(edges) not in (1, 3) or any(edge < 16 or edge % 16 for edge in edges):
+                raise ValueError(f"Patch size {self.patch_size} must be one edge or three, each a multiple of 16 "
+                                 "(16, 32, 48, 64, 96, ...).")
+        if self.spacing is not None:
+            spacing = _numbers(self.spacing, float)
+            if spacing is None or len(spacing) not in (1, 3) or any(value <= 0 for value in spacing):
+                raise ValueError(f"Spacing {self.spacing} must be one or three positive numbers of mm.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("The number of training steps must be at least 1.")
         if self.pretrain_steps is not None and self.pretrain_steps < 1:
@@ -219,7 +230,7 @@ def predict_run(python_executable: str, model_dir: str, image_path: str, output_
         raise ValueError(f"Unknown device {device!r}: choose one of {', '.join(DEVICES)}.")
     arguments = ["--model", str(model_dir), "--image", str(image_path), "--out", str(output_path),
                  "--device", device] + ([] if body_mask else ["--no-body-mask"])
-    return EngineRun("predict", engine_argv(python_executable, "predict", arguments))
+    return EngineRun("predict", engine_argv(python_executable, "predict", arguments) + ["--events-stdout"])
 
 
 def evaluate_run(python_executable: str, prediction_path: str, reference_path: str, model_dir: str,
@@ -258,8 +269,23 @@ def find_engine_parent(start_folders: Sequence[str]) -> Optional[str]:
 
 
 def _model_arguments(request: TrainingRequest) -> List[str]:
+    spacing = None
+    if request.spacing is not None:
+        values = _numbers(request.spacing, float)
+        spacing = ",".join(f"{value:g}" for value in (values * 3 if len(values) == 1 else values))
+    patch = None if request.patch_size is None else ",".join(str(v) for v in _numbers(request.patch_size, int))
     return (_optional("--model", request.model) + _optional("--model-size", request.model_size)
-            + _optional("--patch", request.patch_size))
+            + _optional("--patch", patch) + _optional("--spacing", spacing))
+
+
+def _numbers(value, kind) -> Optional[list]:
+    """``64`` -> ``[64]``, ``"64,64,32"`` -> ``[64, 64, 32]``; None when not numbers."""
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [kind(value)]
+        return [kind(part) for part in str(value).split(",") if part.strip()]
+    except (TypeError, ValueError):
+        return None
 
 
 def _optional(flag: str, value) -> List[str]:

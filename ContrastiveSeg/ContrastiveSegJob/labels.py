@@ -1,15 +1,19 @@
 """Organ names and colours, shared by the GUI, the logic and the MRML glue.
 
-Names are compared in *canonical* form (lower case, words joined by ``_``), the
-same rule the engine applies (``ContrastiveSegLib.data.labels.canonical_name``),
-so a segment called "Kidney Left" in the scene matches ``kidney_left`` in a
-model's ``labels.json``.  The rule is repeated here rather than imported so the
-module never has to import the engine (which pulls in torch) inside Slicer.
+Names are compared in *canonical* form with the engine's own rule
+(``ContrastiveSegLib.data.labels.canonical_name``: lower case, words joined by
+``_``, other spellings such as TotalSegmentator's "Left kidney" mapped to
+``kidney_left``), so the module and the engine agree on what is one organ.
+That file imports nothing outside the standard library (no torch): the module
+imports it from the engine installed next to it, or from the top of a source
+checkout.
 """
 
 import colorsys
-import re
+import importlib
+import sys
 import zlib
+from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 BACKGROUND = "background"
@@ -46,9 +50,25 @@ KNOWN_ORGAN_COLORS: Dict[str, Tuple[int, int, int]] = {
 }
 
 
+def _engine_labels_module():
+    """``ContrastiveSegLib.data.labels``; the source checkout's top folder is put on the path if needed."""
+    try:
+        return importlib.import_module("ContrastiveSegLib.data.labels")
+    except ImportError:
+        module_folder = Path(__file__).resolve().parents[1]
+        for candidate in (module_folder, module_folder.parent):
+            if (candidate / "ContrastiveSegLib" / "data" / "labels.py").is_file():
+                sys.path.append(str(candidate))
+                return importlib.import_module("ContrastiveSegLib.data.labels")
+        raise
+
+
+_ENGINE_LABELS = _engine_labels_module()
+
+
 def canonical_organ_name(name: str) -> str:
-    """``" Kidney-Left "`` -> ``"kidney_left"``: lower case, spaces and dashes become ``_``."""
-    return re.sub(r"[\s\-]+", "_", str(name).strip().lower()).strip("_")
+    """``" Kidney-Left "`` and ``"Left kidney"`` -> ``"kidney_left"`` (the engine's ``canonical_name``)."""
+    return _ENGINE_LABELS.canonical_name(name)
 
 
 def normalize_label_table(label_names: Optional[LabelTable]) -> Dict[int, str]:

@@ -132,6 +132,10 @@ class ThreadedPopenRunner(ProcessRunner):
                     self._on_exit(value)
 
 
+def _in_daemon_thread(work: Callable[[], None]) -> None:
+    threading.Thread(target=work, daemon=True, name="ContrastiveSeg tree kill").start()
+
+
 class JobStatus(enum.Enum):
     """How a job ended (or that it has not)."""
 
@@ -152,6 +156,7 @@ class JobResult:
     error_kind: Optional[str] = None
     run_dir: Optional[str] = None
     completed_phases: List[str] = field(default_factory=list)
+    job: Optional[str] = None  # "training" or "prediction", set by the module's logic
 
 
 class JobController:
@@ -162,6 +167,8 @@ class JobController:
         scheduler: timers for the cancel sequence.
         clock: monotonic seconds (injected so tests control time).
         kill_tree: ends a process tree given its root pid.
+        background: runs a function off the GUI thread (default: a daemon thread), so ending a
+            process tree, which waits up to seconds for the processes to exit, never freezes the GUI.
         stop_timeout_s: how long a cooperative stop may take before the tree is killed.
         poll_interval_s: how often the cancel sequence looks at the process.
 
@@ -172,11 +179,13 @@ class JobController:
     def __init__(self, runner_factory: Callable[[], ProcessRunner], scheduler: Scheduler,
                  clock: Callable[[], float] = time.monotonic,
                  kill_tree: Callable[[int], object] = kill_process_tree,
-                 stop_timeout_s: float = 30.0, poll_interval_s: float = 0.25):
+                 stop_timeout_s: float = 30.0, poll_interval_s: float = 0.25,
+                 background: Optional[Callable[[Callable[[], None]], None]] = None):
         self._runner_factory = runner_factory
         self._scheduler = scheduler
         self._clock = clock
         self._kill_tree = kill_tree
+        self._background = background or _in_daemon_thread
         self.stop_timeout_s = stop_timeout_s
         self.poll_interval_s = poll_interval_s
         self.on_progress: Callable[[ProgressState], None] = lambda state: None
@@ -287,7 +296,7 @@ class JobController:
             return
         if self._stop_requested:
             self._finish(JobResult(JobStatus.STOPPED, exit_code,
-                                   "Stopped. A checkpoint was saved: tick 'Resume' and press Start to continue.",
+                                   "Stopped. A checkpoint was saved: press 'Resume a run...' and choose this run to continue.",
                                    run_dir=run.run_dir, completed_phases=self._completed()))
             return
         if exit_code != 0:
@@ -362,10 +371,19 @@ class JobController:
         self.cancel_log.append(f"kill tree {pid} ({reason})")
         self.on_log(f"[ContrastiveSeg] ending process tree {pid} ({reason})")
         if pid is not None:
-            try:
-                self._kill_tree(pid)
-            except Exception as error:  # report and go on: the GUI must never hang on a failed kill
-                logging.error("could not end process tree %s: %s", pid, error)
+            self._background(lambda: self._end_tree(pid))
+
+    def _end_tree(self, pid: int) -> None:
+        try:
+            self._kill_tree(pid)
+        except Exception as error:  # report and go on: the GUI must never hang on a failed kill
+            logging.error("could not end process tree %s: %s", pid, error)
+
+    def poll(self) -> None:
+        """Deliver pending output and due timers (plain Python; inside Slicer the Qt event loop does it)."""
+        if self._runner is not None:
+            self._runner.poll()
+        self._scheduler.run_due()
 
     def wait(self, timeout_s: Optional[float] = None, pump: Optional[Callable[[], None]] = None,
              sleep_s: float = 0.05) -> Optional[JobResult]:
@@ -379,9 +397,7 @@ class JobController:
             if pump is not None:
                 pump()
             else:
-                if self._runner is not None:
-                    self._runner.poll()
-                self._scheduler.run_due()
+                self.poll()
             if not self.running:
                 break
             if deadline is not None and self._clock() >= deadline:

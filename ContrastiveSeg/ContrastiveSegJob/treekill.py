@@ -2,12 +2,18 @@
 
 Inside Slicer, ``PythonSlicer`` is a launcher that starts ``python-real``, and
 data loaders may start workers, so killing the launcher's pid alone would leave
-the training running.  psutil (shipped with Slicer) is used when it can be
-imported; otherwise the children are found from the operating system
-(``/proc`` or ``ps`` on Linux and macOS, ``taskkill /T`` on Windows).
+the training running.  psutil is used when it can be imported (Slicer does not
+ship it: only when the user or another extension installed it); otherwise the
+children are found from the operating system (``/proc`` or ``ps`` on Linux and
+macOS, ``taskkill /T`` on Windows, without opening a console window).
 
 Order: children first (deepest first) get a polite terminate, then the parent;
 whatever is still alive after ``timeout_s`` is killed.
+
+Run as a script (``python treekill.py --after SECONDS PID``) it is the watchdog
+the module leaves behind when Slicer quits during a training: the trainer has
+been asked to stop (STOP file) and gets ``SECONDS`` to save its checkpoint and
+exit; if it has not, its process tree is ended.  Slicer itself quits at once.
 """
 
 import os
@@ -15,13 +21,16 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
+
+# Windows: run taskkill, tasklist and the watchdog without flashing a console window.
+NO_WINDOW = 0x08000000 if sys.platform == "win32" else 0  # CREATE_NO_WINDOW
 
 
 def kill_process_tree(pid: int, timeout_s: float = 3.0) -> List[int]:
     """Terminate ``pid`` and all its descendants; returns the pids that were signalled."""
     try:
-        import psutil  # noqa: F401  (optional; Slicer ships it)
+        import psutil  # noqa: F401  (optional: not part of Slicer)
     except ImportError:
         return _kill_tree_without_psutil(pid, timeout_s)
     return _kill_tree_with_psutil(pid, timeout_s)
@@ -45,7 +54,7 @@ def pid_alive(pid: int) -> bool:
     if sys.platform == "win32":
         try:
             output = subprocess.run(["tasklist", "/FI", f"PID eq {pid}", "/NH"], capture_output=True,
-                                    text=True, timeout=10).stdout
+                                    text=True, timeout=10, creationflags=NO_WINDOW).stdout
         except (OSError, subprocess.SubprocessError):
             return False
         return str(pid) in output
@@ -105,7 +114,8 @@ def _kill_tree_with_psutil(pid: int, timeout_s: float) -> List[int]:
 
 def _kill_tree_without_psutil(pid: int, timeout_s: float) -> List[int]:
     if sys.platform == "win32":
-        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, timeout=30)
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, timeout=30,
+                       creationflags=NO_WINDOW)
         return [pid]
     children = _descendants_from_table(pid)
     signalled = []
@@ -169,3 +179,41 @@ def _process_table() -> List[tuple]:
         if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
             table.append((int(parts[0]), int(parts[1])))
     return table
+
+
+def wait_then_kill(pid: int, grace_s: float, poll_s: float = 0.2) -> bool:
+    """Wait up to ``grace_s`` for ``pid`` to exit by itself, then end its tree; True if it had to be ended."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return False
+        time.sleep(poll_s)
+    if not pid_alive(pid):
+        return False
+    kill_process_tree(pid)
+    return True
+
+
+def start_watchdog(pid: int, grace_s: float, python_executable: Optional[str] = None) -> int:
+    """Start this file as a detached watchdog process for ``pid``; returns the watchdog's pid.
+
+    Used when Slicer quits: the watchdog outlives Slicer, so Slicer need not wait for the trainer.
+    """
+    argv = [python_executable or sys.executable, os.path.abspath(__file__), "--after", str(grace_s), str(pid)]
+    options = {"creationflags": NO_WINDOW | 0x00000008} if sys.platform == "win32" else {"start_new_session": True}
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               close_fds=True, **options)  # 0x8: DETACHED_PROCESS
+    return process.pid
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if len(arguments) != 3 or arguments[0] != "--after":
+        print("usage: treekill.py --after SECONDS PID", file=sys.stderr)
+        return 2
+    wait_then_kill(int(arguments[2]), float(arguments[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 from ContrastiveSegJob.datasets import write_dataset_json
 from ContrastiveSegJob.labels import LabelTable, normalize_label_table
 
-from .segmentations import export_segmentation_to_labelmap
+from .segmentations import labelmap_export_steps
 from .volumes import write_volume
 
 
@@ -26,7 +26,7 @@ def export_scene_pairs_to_dataset(scene, pairs: Sequence[Tuple[object, object]],
         pairs: ``(vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)`` pairs.
         folder: the dataset folder (created; files of an earlier export are replaced).
         label_names: the training label table, e.g. ``["liver", "spleen"]``
-            (value 1 = liver, 2 = spleen).  Segments are matched by name.
+            (value 1 = liver, 2 = spleen).  Segments are matched by organ.
 
     Returns:
         The path of the written ``dataset.json`` (a dataset spec for ``--data``).
@@ -34,6 +34,19 @@ def export_scene_pairs_to_dataset(scene, pairs: Sequence[Tuple[object, object]],
     Raises:
         ValueError: no pair given, or a segmentation has none of the organs.
     """
+    steps = scene_pair_export_steps(scene, pairs, folder, label_names)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def scene_pair_export_steps(scene, pairs: Sequence[Tuple[object, object]], folder: str, label_names: LabelTable):
+    """:func:`export_scene_pairs_to_dataset` in small steps: a generator yielding a description after each
+    image and each organ, so the module can run one step per timer tick and keep the GUI responsive.
+    Its return value is the ``dataset.json`` path.  Images are written uncompressed: compressing a CT
+    takes seconds, and the engine reads them once."""
     if not pairs:
         raise ValueError("no (volume, segmentation) pair to export")
     table = normalize_label_table(label_names)
@@ -47,8 +60,9 @@ def export_scene_pairs_to_dataset(scene, pairs: Sequence[Tuple[object, object]],
         stem = f"{index:03d}_{_safe_name(volume_node.GetName())}"
         image_path = folder_path / f"image_{stem}.nrrd"
         label_path = folder_path / f"label_{stem}.nrrd"
-        write_volume(volume_node, os.fspath(image_path))
-        written = export_segmentation_to_labelmap(scene, segmentation_node, volume_node, os.fspath(label_path), table)
+        write_volume(volume_node, os.fspath(image_path), compress=False)
+        yield f"{volume_node.GetName()}: image"
+        written = yield from labelmap_export_steps(scene, segmentation_node, volume_node, os.fspath(label_path), table)
         found.update(written)
         cases.append((os.fspath(image_path), os.fspath(label_path)))
     return write_dataset_json(folder_path, cases, table, name="ContrastiveSeg scene export",

@@ -1,19 +1,27 @@
 """Per-organ Dice between two segmentation nodes, as rows and as a ``vtkMRMLTableNode``.
 
-Organs are matched by segment name (canonical comparison, so "Kidney Left"
-matches ``kidney_left``).  Both segments of a pair are sampled on one common
+Organs are matched by terminology (SNOMED CT codes) or canonical segment name
+(so "Left kidney" matches ``kidney_left``); a model's organ it did not find is a
+row with Dice 0.  Both segments of a pair are sampled on one common
 grid (a chosen volume, or the reference segmentation's reference geometry), so
 segmentations made on different grids are still compared voxel for voxel.
 """
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import vtk
 from ContrastiveSegJob.labels import canonical_organ_name
 
-from .segmentations import reference_geometry_volume, segment_mask, segment_names
+from .segmentations import (
+    model_organs,
+    reference_geometry_volume,
+    segment_ids,
+    segment_mask,
+    segment_names,
+    segment_organ,
+)
 from .volumes import remove_node_and_storage, voxel_volume_ml
 
 ORGAN_COLUMN = "Organ"
@@ -32,8 +40,13 @@ def dice_coefficient(mask: np.ndarray, reference: np.ndarray) -> float:
 
 
 def dice_rows(scene, segmentation_node, reference_segmentation_node, reference_volume=None,
-              include_unmatched: bool = False) -> List[Dict[str, object]]:
+              include_unmatched: bool = False, organs: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Per-organ Dice and volumes of ``segmentation_node`` against ``reference_segmentation_node``.
+
+    Segments are one organ when their terminology codes agree or, without codes,
+    their canonical names (so "Left kidney" matches ``kidney_left``).  Every organ
+    of the model that the reference has gets a row, with Dice 0 when the model
+    found none of it (a prediction has segments only for the organs it found).
 
     Args:
         scene: the ``vtkMRMLScene``.
@@ -43,13 +56,22 @@ def dice_rows(scene, segmentation_node, reference_segmentation_node, reference_v
             segmentation's reference geometry.
         include_unmatched: also list organs present in only one of the two
             (Dice 0, the missing volume 0).
+        organs: the model's organs; by default those recorded on a predicted
+            segmentation (:func:`ContrastiveSegMRML.segmentations.model_organs`).
 
     Returns:
-        One dict per organ, in the order of ``segmentation_node``'s segments:
-        ``{"organ", "dice", "volume_ml", "reference_volume_ml"}``.
+        One dict per organ, the model's organs first, then the other segments of
+        ``segmentation_node``: ``{"organ", "dice", "volume_ml", "reference_volume_ml"}``.
     """
-    reference_by_name = {canonical_organ_name(name): segment_id
-                         for segment_id, name in segment_names(reference_segmentation_node).items()}
+    reference_by_key: Dict[str, str] = {}
+    for segment_id in segment_ids(reference_segmentation_node):
+        reference_by_key.setdefault(segment_organ(reference_segmentation_node, segment_id), segment_id)
+    predicted_by_key: Dict[str, str] = {}
+    for segment_id in segment_ids(segmentation_node):
+        predicted_by_key.setdefault(segment_organ(segmentation_node, segment_id), segment_id)
+    names = segment_names(segmentation_node)
+    model = [canonical_organ_name(name) for name in (organs if organs is not None else model_organs(segmentation_node))]
+    order = list(dict.fromkeys(model + list(predicted_by_key)))
     grid = reference_volume
     temporary_grid = None
     if grid is None:
@@ -57,27 +79,28 @@ def dice_rows(scene, segmentation_node, reference_segmentation_node, reference_v
     try:
         voxel_ml = voxel_volume_ml(grid)
         rows: List[Dict[str, object]] = []
-        matched_reference = set()
-        for segment_id, name in segment_names(segmentation_node).items():
-            key = canonical_organ_name(name)
-            mask = segment_mask(scene, segmentation_node, segment_id, grid)
-            if key in reference_by_name:
-                matched_reference.add(key)
-                reference = segment_mask(scene, reference_segmentation_node, reference_by_name[key], grid)
-                dice = dice_coefficient(mask, reference)
-                reference_ml = float(reference.sum()) * voxel_ml
-            elif include_unmatched:
-                dice, reference_ml = 0.0, 0.0
-            else:
+        for key in order:
+            predicted_id = predicted_by_key.get(key)
+            reference_id = reference_by_key.get(key)
+            if reference_id is None and not include_unmatched:
                 continue
-            rows.append({"organ": name, "dice": dice, "volume_ml": float(mask.sum()) * voxel_ml,
-                         "reference_volume_ml": reference_ml})
+            mask = None if predicted_id is None else segment_mask(scene, segmentation_node, predicted_id, grid)
+            reference = None if reference_id is None else segment_mask(
+                scene, reference_segmentation_node, reference_id, grid)
+            if mask is not None and reference is not None:
+                dice = dice_coefficient(mask, reference)
+            else:
+                dice = 0.0
+            rows.append({"organ": names[predicted_id] if predicted_id is not None else key, "dice": dice,
+                         "volume_ml": 0.0 if mask is None else float(mask.sum()) * voxel_ml,
+                         "reference_volume_ml": 0.0 if reference is None else float(reference.sum()) * voxel_ml})
         if include_unmatched:
-            for key, reference_id in reference_by_name.items():
-                if key in matched_reference:
+            reference_names = segment_names(reference_segmentation_node)
+            for key, reference_id in reference_by_key.items():
+                if key in order:
                     continue
                 reference = segment_mask(scene, reference_segmentation_node, reference_id, grid)
-                rows.append({"organ": segment_names(reference_segmentation_node)[reference_id], "dice": 0.0,
+                rows.append({"organ": reference_names[reference_id], "dice": 0.0,
                              "volume_ml": 0.0, "reference_volume_ml": float(reference.sum()) * voxel_ml})
         return rows
     finally:
@@ -86,10 +109,11 @@ def dice_rows(scene, segmentation_node, reference_segmentation_node, reference_v
 
 
 def dice_table(scene, segmentation_node, reference_segmentation_node, table_node=None,
-               reference_volume=None, include_unmatched: bool = False):
+               reference_volume=None, include_unmatched: bool = False, organs: Optional[Sequence[str]] = None):
     """Per-organ Dice of two segmentations as a ``vtkMRMLTableNode``.
 
-    One row per organ matched by name, columns ``Organ``, ``Dice``, ``Volume (mL)``
+    One row per organ of the model that the reference has (Dice 0 when the model
+    missed it) and per other matched segment, columns ``Organ``, ``Dice``, ``Volume (mL)``
     (of ``segmentation_node``) and ``Reference volume (mL)``.  See :func:`dice_rows`
     for the arguments.  ``table_node`` is emptied and refilled when given, else a
     new table node named "<segmentation> Dice" is added to the scene.
@@ -97,7 +121,8 @@ def dice_table(scene, segmentation_node, reference_segmentation_node, table_node
     Returns:
         The table node.
     """
-    rows = dice_rows(scene, segmentation_node, reference_segmentation_node, reference_volume, include_unmatched)
+    rows = dice_rows(scene, segmentation_node, reference_segmentation_node, reference_volume, include_unmatched,
+                     organs)
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentation_node.GetName()} Dice")
     table_node.RemoveAllColumns()

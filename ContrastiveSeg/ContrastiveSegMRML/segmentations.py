@@ -17,6 +17,7 @@ exporting segments numbers them 1..n, so each segment is exported on its own and
 given its training label value here.
 """
 
+import json
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ from ContrastiveSegJob.labels import (
     normalize_label_table,
     organ_color,
 )
+from ContrastiveSegJob.terminology import organ_from_terminology, terminology_entry
 
 from .volumes import (
     array_from_volume,
@@ -41,6 +43,9 @@ from .volumes import (
 )
 
 _GENERIC_SEGMENT_NAME = re.compile(r"^(segment|label)[_ ]?\d+$", re.IGNORECASE)
+# Attribute of a segmentation imported from a model's prediction: the model's organs (JSON list, in
+# label order), so a Dice table can list the organs the model missed (they have no segment).
+MODEL_ORGANS_ATTRIBUTE = "ContrastiveSeg.ModelOrgans"
 
 
 def import_labelmap_as_segmentation(scene, labelmap_path: str, label_names: Optional[LabelTable],
@@ -57,7 +62,8 @@ def import_labelmap_as_segmentation(scene, labelmap_path: str, label_names: Opti
             A value present in the file but not in the table becomes ``label_<value>``.
         reference_volume: the image the labels belong to; it becomes the
             segmentation's reference geometry (and parent transform), so editing
-            the segments happens on that image's grid.
+            the segments happens on that image's grid.  Without it the
+            labelmap's own grid is the reference geometry.
         colors: organ name -> ``[r, g, b]`` (0-255), e.g. a run's ``colors.json``;
             organs not in it get :func:`ContrastiveSegJob.labels.organ_color`.
         segmentation_node: fill this node (its current segments are removed)
@@ -66,7 +72,9 @@ def import_labelmap_as_segmentation(scene, labelmap_path: str, label_names: Opti
 
     Returns:
         The ``vtkMRMLSegmentationNode``. Each segment's label value
-        (``GetLabelValue()``) is its value in the file.
+        (``GetLabelValue()``) is its value in the file; organs with SNOMED CT
+        codes carry them as terminology; the table's organs are kept in the
+        node's ``ContrastiveSeg.ModelOrgans`` attribute (see :func:`model_organs`).
     """
     labelmap_path = os.fspath(labelmap_path)
     table = normalize_label_table(label_names)
@@ -77,11 +85,16 @@ def import_labelmap_as_segmentation(scene, labelmap_path: str, label_names: Opti
         segmentation_node.GetSegmentation().RemoveAllSegments()
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
+    transform_id = None
     if reference_volume is not None:
+        # The segmentation goes under the volume's parent transform first, so that its reference geometry
+        # is the volume's own grid (in the shared frame), not the grid moved by the transform.
+        transform_id = reference_volume.GetTransformNodeID()
+        segmentation_node.SetAndObserveTransformNodeID(transform_id)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(),
                                              reference_volume.GetID())
-        segmentation_node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+    segmentation_node.SetAttribute(MODEL_ORGANS_ATTRIBUTE, json.dumps(list(table.values())))
 
     if labelmap_path.lower().endswith(".seg.nrrd"):
         _read_seg_nrrd_into(scene, labelmap_path, segmentation_node)
@@ -94,11 +107,17 @@ def import_labelmap_as_segmentation(scene, labelmap_path: str, label_names: Opti
             value = segment.GetLabelValue()
             if rename and value in table and _is_generic_name(segment.GetName(), value):
                 segment.SetName(table[value])
-            segment.SetColor(*[c / 255.0 for c in organ_color(segment.GetName(), colors)])
+            _set_identity(segment, segment.GetName(), colors)
         return segmentation_node
 
     labelmap_node = read_volume(scene, labelmap_path, labelmap=True, name="ContrastiveSeg import")
     try:
+        # The predicted labelmap is on the volume's grid, in the volume's own frame: under the same
+        # transform as the segmentation, the import resamples by the identity (else by the inverse transform).
+        labelmap_node.SetAndObserveTransformNodeID(transform_id)
+        if reference_volume is None:
+            # No volume: the labelmap's own grid is the reference geometry (so Dice tables and editing work).
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap_node)
         before = set(segment_ids(segmentation_node))
         imported = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
             labelmap_node, segmentation_node)
@@ -116,20 +135,45 @@ def import_labelmap_as_segmentation(scene, labelmap_path: str, label_names: Opti
                 logging.warning("%s: label value %d is not in the label table; segment named %s",
                                 labelmap_path, value, organ)
             segment.SetName(organ)
-            segment.SetColor(*[c / 255.0 for c in organ_color(organ, colors)])
+            _set_identity(segment, organ, colors)
     finally:
         remove_node_and_storage(scene, labelmap_node)
     return segmentation_node
+
+
+def model_organs(segmentation_node) -> List[str]:
+    """The organs of the model a segmentation was predicted by (empty when it was not)."""
+    text = segmentation_node.GetAttribute(MODEL_ORGANS_ATTRIBUTE)
+    if not text:
+        return []
+    try:
+        return [str(name) for name in json.loads(text)]
+    except ValueError:
+        return []
+
+
+def segment_organ(segmentation_node, segment_id: str) -> str:
+    """The canonical organ a segment is: from its terminology (SNOMED CT codes) when known, else its name."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    return organ_from_terminology(segment.GetTerminology()) or canonical_organ_name(segment.GetName())
+
+
+def _set_identity(segment, organ: str, colors: Optional[Mapping]) -> None:
+    """Colour and, for organs with SNOMED CT codes, the terminology Slicer and TotalSegmentator use."""
+    segment.SetColor(*[c / 255.0 for c in organ_color(organ, colors)])
+    entry = terminology_entry(canonical_organ_name(organ))
+    if entry is not None:
+        segment.SetTerminology(entry)
 
 
 def export_segmentation_to_labelmap(scene, segmentation_node, reference_volume, path: str,
                                     label_names: LabelTable) -> Dict[int, str]:
     """Write the segments named in ``label_names`` as one labelmap file on ``reference_volume``'s grid.
 
-    Segments are matched to the table by canonical name ("Kidney Left" matches
-    ``kidney_left``); each matched segment's voxels get its table value, segments
-    not in the table are left out, and where segments overlap the later one in
-    the table wins.
+    Segments are matched to the table by organ (terminology codes, else canonical
+    name: "Left kidney" matches ``kidney_left``); each matched segment's voxels
+    get its table value, segments not in the table are left out, and where
+    segments overlap the later one in the table wins.
 
     Args:
         scene: the ``vtkMRMLScene``.
@@ -146,6 +190,17 @@ def export_segmentation_to_labelmap(scene, segmentation_node, reference_volume, 
     Raises:
         ValueError: no segment matches any organ of the table; the message lists both.
     """
+    steps = labelmap_export_steps(scene, segmentation_node, reference_volume, path, label_names)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def labelmap_export_steps(scene, segmentation_node, reference_volume, path: str, label_names: LabelTable):
+    """:func:`export_segmentation_to_labelmap` one organ at a time: a generator yielding a short description
+    after each organ (so a GUI can let its event loop run in between); its return value is the same dict."""
     table = normalize_label_table(label_names)
     if reference_volume is None:
         raise ValueError("a reference volume is needed: the labelmap must be on the image's grid")
@@ -168,6 +223,7 @@ def export_segmentation_to_labelmap(scene, segmentation_node, reference_volume, 
             labels = np.zeros(mask.shape, dtype=dtype)
         labels[mask] = value
         written[value] = organ
+        yield f"{segmentation_node.GetName()}: {organ}"
     missing = [organ for value, organ in table.items() if value not in written]
     if missing:
         logging.info("segmentation '%s' has no segment for: %s", segmentation_node.GetName(), ", ".join(missing))
@@ -235,10 +291,10 @@ def segment_names(segmentation_node) -> Dict[str, str]:
 
 
 def find_segment_id(segmentation_node, organ: str) -> Optional[str]:
-    """The ID of the first segment whose name matches ``organ`` (canonical comparison), or None."""
+    """The ID of the first segment that is ``organ`` (by terminology, else canonical name), or None."""
     wanted = canonical_organ_name(organ)
-    for segment_id, segment_name in segment_names(segmentation_node).items():
-        if canonical_organ_name(segment_name) == wanted:
+    for segment_id in segment_ids(segmentation_node):
+        if segment_organ(segmentation_node, segment_id) == wanted:
             return segment_id
     return None
 
@@ -293,7 +349,10 @@ def _name_from_path(path: str) -> str:
 
 __all__: Sequence[str] = (
     "import_labelmap_as_segmentation",
+    "model_organs",
+    "segment_organ",
     "export_segmentation_to_labelmap",
+    "labelmap_export_steps",
     "segment_mask",
     "reference_geometry_volume",
     "segment_ids",

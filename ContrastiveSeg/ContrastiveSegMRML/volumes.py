@@ -73,6 +73,26 @@ def write_volume(volume_node, path: str, compress: bool = True) -> str:
     return path
 
 
+ENGINE_READABLE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def engine_readable_file(volume_node) -> Optional[str]:
+    """The file the volume was read from, if the engine can read it and the node was not changed since.
+
+    Segmenting such a volume needs no copy: the engine reads the file itself, and
+    Slicer's GUI does not wait for a write.  None when the volume must be written.
+    """
+    storage_node = volume_node.GetStorageNode()
+    if storage_node is None or volume_node.GetModifiedSinceRead():
+        return None
+    path = storage_node.GetFileName()
+    if not path or not os.path.isfile(path) or not path.lower().endswith(ENGINE_READABLE_EXTENSIONS):
+        return None
+    if storage_node.GetNumberOfFileNames() > 1:  # a series of files (e.g. DICOM slices): write a copy
+        return None
+    return path
+
+
 def remove_node_and_storage(scene, node) -> None:
     """Remove ``node`` and its storage and display nodes from ``scene`` (temporary nodes)."""
     if node is None or node.GetScene() is None:

@@ -1,9 +1,15 @@
 """Label names: one canonical spelling, and label maps read from any convention.
 
-Datasets name the same organ in different ways ("Liver", "liver", "left kidney"
-vs "kidney_left" are left to the user, but case, spaces and dashes are not).
-Training targets are chosen *by canonical name*, so datasets whose label sets
-differ can be mixed: each keeps its own values, and only names are compared.
+Datasets name the same organ in different ways: "Liver" and "liver" (case,
+spaces and dashes), but also "Left kidney" (TotalSegmentator's display name)
+and ``kidney_left`` (its label name).  Training targets are chosen *by
+canonical name*, so datasets whose label sets differ can be mixed: each keeps
+its own values, and only names are compared.  The canonical name is the
+TotalSegmentator label name where :data:`ORGAN_SYNONYMS` knows the organ.
+
+The 3D Slicer module matches segment names with this same function (it imports
+this file, which needs neither torch nor anything else outside the standard
+library), so the engine and the module agree on what is one organ.
 """
 
 from __future__ import annotations
@@ -15,10 +21,47 @@ from ..errors import InputError
 
 BACKGROUND = "background"
 
+# Organs that come in a left and a right one: TotalSegmentator names them <organ>_left / <organ>_right,
+# other datasets and Slicer's terminology display names "Left kidney", "left_kidney", ...
+_PAIRED_ORGANS = ("kidney", "lung", "adrenal_gland", "iliac_artery", "iliac_vena", "femur", "humerus", "hip",
+                  "scapula", "clavicula", "gluteus_maximus", "gluteus_medius", "gluteus_minimus", "autochthon",
+                  "iliopsoas", "kidney_cyst", "common_carotid_artery", "subclavian_artery", "brachiocephalic_vein",
+                  "atrial_appendage", "lung_upper_lobe", "lung_lower_lobe")
+
+# Other spellings (canonical form of the other spelling -> TotalSegmentator label name).
+ORGAN_SYNONYMS: Dict[str, str] = {
+    "gall_bladder": "gallbladder",
+    "bladder": "urinary_bladder",
+    "oesophagus": "esophagus",
+    "ivc": "inferior_vena_cava",
+    "vena_cava_inferior": "inferior_vena_cava",
+    "svc": "superior_vena_cava",
+    "vena_cava_superior": "superior_vena_cava",
+    "small_intestine": "small_bowel",
+    "large_intestine": "colon",
+    "large_bowel": "colon",
+    "portal_and_splenic_vein": "portal_vein_and_splenic_vein",
+    "left_upper_lobe_of_lung": "lung_upper_lobe_left",
+    "left_lower_lobe_of_lung": "lung_lower_lobe_left",
+    "right_upper_lobe_of_lung": "lung_upper_lobe_right",
+    "right_lower_lobe_of_lung": "lung_lower_lobe_right",
+    "middle_lobe_of_right_lung": "lung_middle_lobe_right",
+    "right_middle_lobe_of_lung": "lung_middle_lobe_right",
+}
+for _organ in _PAIRED_ORGANS:
+    for _side in ("left", "right"):
+        ORGAN_SYNONYMS[f"{_side}_{_organ}"] = f"{_organ}_{_side}"
+        ORGAN_SYNONYMS[f"{_organ}_{_side[0]}"] = f"{_organ}_{_side}"
+
 
 def canonical_name(name: str) -> str:
-    """``" Kidney-Left "`` -> ``"kidney_left"``: lower case, words joined by ``_``."""
-    return re.sub(r"[\s\-]+", "_", str(name).strip().lower()).strip("_")
+    """``" Kidney-Left "`` and ``"Left kidney"`` -> ``"kidney_left"``.
+
+    Lower case, words joined by ``_``, then a known other spelling replaced by
+    its TotalSegmentator label name (:data:`ORGAN_SYNONYMS`).
+    """
+    words = re.sub(r"[\s\-]+", "_", str(name).strip().lower()).strip("_")
+    return ORGAN_SYNONYMS.get(words, words)
 
 
 def parse_label_map(raw: Mapping, source: str) -> Dict[str, List[int]]:

@@ -90,11 +90,15 @@ def test_dice_against_a_shifted_copy_matches_numpy(setup):
     values = read_dice_table(table)
     names = normalize_label_table(LABEL_TABLE)
     expected = {}
-    for value in np.unique(moved):
-        if value == 0 or not (truth == value).any():
+    # Every organ of the model that the reference has: the shift pushed one out of the scan, and it
+    # must be listed with Dice 0 (issue 10, defect 5), not left out.
+    for value in np.unique(truth):
+        if value == 0:
             continue
-        expected[names[int(value)]] = numpy_dice(moved == value, truth == value)
+        expected[names[int(value)]] = numpy_dice(moved == value, truth == value) if (moved == value).any() else 0.0
     assert set(values) == set(expected)
+    missed = [names[int(v)] for v in np.unique(truth) if v and not (moved == v).any()]
+    assert missed == ["lung_middle_lobe_right"] and values["lung_middle_lobe_right"]["Dice"] == 0.0
     for organ, dice in expected.items():
         assert values[organ]["Dice"] == pytest.approx(dice, abs=1e-12), organ
         value = [v for v, n in names.items() if n == organ][0]

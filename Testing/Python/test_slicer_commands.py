@@ -138,11 +138,12 @@ def test_resume_after_a_crash_and_fresh_start(tmp_path):
 def test_predict_and_evaluate_commands():
     run = predict_run(PY, "/out/finetune", "/tmp/ct.nrrd", "/tmp/ct_seg.nrrd", device="cpu")
     assert run.argv == [PY, "-m", "ContrastiveSegLib", "predict", "--model", "/out/finetune", "--image",
-                        "/tmp/ct.nrrd", "--out", "/tmp/ct_seg.nrrd", "--device", "cpu"]
+                        "/tmp/ct.nrrd", "--out", "/tmp/ct_seg.nrrd", "--device", "cpu", "--events-stdout"]
     assert run.run_dir is None and run.phase == "predict"
-    assert predict_run(PY, "m", "i.nii.gz", "o.seg.nrrd").argv[-1] == "auto"
-    assert predict_run(PY, "m", "i.nii.gz", "o.seg.nrrd", body_mask=False).argv[-3:] == ["--device", "auto",
-                                                                                       "--no-body-mask"]
+    # progress of a prediction comes as events, like training's (issue 10, defect 9)
+    assert predict_run(PY, "m", "i.nii.gz", "o.seg.nrrd").argv[-2:] == ["auto", "--events-stdout"]
+    assert predict_run(PY, "m", "i.nii.gz", "o.seg.nrrd", body_mask=False).argv[-4:] == [
+        "--device", "auto", "--no-body-mask", "--events-stdout"]
     with pytest.raises(ValueError, match="must end with"):
         predict_run(PY, "m", "i.nii.gz", "o.png")
     with pytest.raises(ValueError, match="Unknown device"):

@@ -95,7 +95,7 @@ def harness():
     scheduler = FakeScheduler(clock)
     killed = []
     controller = JobController(FakeRunner, scheduler, clock=clock, kill_tree=killed.append,
-                               stop_timeout_s=10.0, poll_interval_s=0.25)
+                               stop_timeout_s=10.0, poll_interval_s=0.25, background=lambda work: work())
     record = {"logs": [], "progress": 0, "finished": []}
     controller.on_log = record["logs"].append
     controller.on_progress = lambda state: record.__setitem__("progress", record["progress"] + 1)

@@ -21,8 +21,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "ContrastiveSeg"
 MODULE_FILE = MODULE_DIR / "ContrastiveSeg.py"
+PARAMETER_FILE = MODULE_DIR / "ContrastiveSegGUI" / "parameters.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "ContrastiveSeg.ui"
-SHIPPED_PACKAGES = ("ContrastiveSegJob", "ContrastiveSegMRML", "ContrastiveSegSlicer")
+SHIPPED_PACKAGES = ("ContrastiveSegJob", "ContrastiveSegMRML", "ContrastiveSegSlicer", "ContrastiveSegLogic",
+                    "ContrastiveSegGUI")
 
 # Every Slicer API (and API of another Slicer module or extension) the module code uses, with the file of
 # Slicer's source (Slicer/Slicer unless another repository is named) where it was read. Signatures and
@@ -47,13 +49,11 @@ CHECKED_SLICER_API = {
     "slicer.util.launchConsoleProcess": "Base/Python/slicer/util.py: blocking=False, logCallback, completedCallback "
                                         "from 5.12 (checked at run time with inspect.signature; QProcess before)",
     "slicer.util.startupEnvironment": "Base/Python/slicer/util.py (environment without launcher values)",
-    "slicer.util.pip_install": "Base/Python/slicer/util.py (a space-separated string works in 5.8 and 5.12+)",
-    "slicer.packaging": "Base/Python/slicer/packaging.py (module, Slicer 5.12+; was slicer.pydeps in previews)",
-    "slicer.packaging.pip_ensure": "Base/Python/slicer/packaging.py (requirements, prompt_install, requester; "
-                                   "raises RuntimeError when declined)",
-    "slicer.packaging.load_requirements": "Base/Python/slicer/packaging.py",
     "slicer.app.connect": "Utilities/Templates/Modules/Scripted/TemplateKey.py (startupCompleted() for sample data); "
                           "Base/QTGUI/qSlicerApplication aboutToQuit()",
+    "slicer.app.disconnect": "PythonQt QObject.disconnect(signal, callable), the counterpart of connect; "
+                             "slicer.app.disconnect(\"aboutToQuit()\", callable) is used so by other scripted "
+                             "extensions' cleanup()",
     "slicer.app.processEvents": "Base/Python/slicer/util.py (logProcessOutput pumps events the same way)",
     "slicer.app.temporaryPath": "Base/QTCore/qSlicerCoreApplication.h (Q_PROPERTY temporaryPath)",
     "slicer.mrmlScene": "Base/Python/slicer/__init__.py docs (slicer.mrmlScene in the GUI application)",
@@ -61,8 +61,6 @@ CHECKED_SLICER_API = {
     "slicer.mrmlScene.StartCloseEvent": "Libs/MRML/Core/vtkMRMLScene.h (used by the scripted module template)",
     "slicer.mrmlScene.EndCloseEvent": "Libs/MRML/Core/vtkMRMLScene.h (used by the scripted module template)",
     "slicer.mrmlScene.GetFirstNodeByClass": "Libs/MRML/Core/vtkMRMLScene.h",
-    "slicer.mrmlScene.GetNodeByID": "Libs/MRML/Core/vtkMRMLScene.h",
-    "slicer.mrmlScene.GenerateUniqueName": "Libs/MRML/Core/vtkMRMLScene.h (also tried in slicer-core)",
     "slicer.vtkMRMLScalarVolumeNode": "Libs/MRML/Core/vtkMRMLScalarVolumeNode.h (also run in CI via slicer-core)",
     "slicer.vtkMRMLSegmentationNode": "Libs/MRML/Core/vtkMRMLSegmentationNode.h (also run in CI via slicer-core)",
     "slicer.vtkMRMLVolumeArchetypeStorageNode": "Libs/MRML/Core/vtkMRMLVolumeArchetypeStorageNode.h (run in CI)",
@@ -189,8 +187,8 @@ def test_the_ui_file_is_well_formed_for_slicer():
 
 
 def parameter_node_fields() -> Dict[str, str]:
-    """``{field: annotation source}`` of the @parameterNodeWrapper class of the module file."""
-    source = MODULE_FILE.read_text(encoding="utf-8")
+    """``{field: annotation source}`` of the @parameterNodeWrapper class (ContrastiveSegGUI/parameters.py)."""
+    source = PARAMETER_FILE.read_text(encoding="utf-8")
     tree = ast.parse(source)
     classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and any(
         (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") or
@@ -253,9 +251,11 @@ def test_every_slicer_api_used_was_checked_in_slicers_source():
     unchecked = {name: files for name, files in used.items() if name not in CHECKED_SLICER_API}
     assert not unchecked, ("Slicer APIs used but not checked against Slicer's source; read them there and add "
                            f"them to CHECKED_SLICER_API with the file: {unchecked}")
-    calls_util_or_packaging = {n for n in used if n.startswith(("slicer.util.", "slicer.packaging"))}
-    assert "slicer.util.launchConsoleProcess" in calls_util_or_packaging
-    assert "slicer.packaging.pip_ensure" in calls_util_or_packaging
+    calls_util = {n for n in used if n.startswith("slicer.util.")}
+    assert "slicer.util.launchConsoleProcess" in calls_util
+    # Packages are installed by a pip process with a constraints file (ContrastiveSegJob/installplan.py),
+    # torch only through the PyTorch extension (issue 10, defect 1).
+    assert "PyTorchUtils.PyTorchUtilsLogic" in used
     stale = sorted(set(CHECKED_SLICER_API) - set(used))
     assert not stale, f"entries of CHECKED_SLICER_API no longer used (remove them): {stale}"
 
@@ -276,10 +276,34 @@ def imported_top_modules(path: Path) -> Set[str]:
     return modules
 
 
+# Scripts the module runs as their own process (never imported into Slicer): they may import torch.
+SUBPROCESS_SCRIPTS = {"deviceprobe.py"}
+
+
 def test_qt_free_packages_stay_qt_free():
     for path in sorted((MODULE_DIR / "ContrastiveSegJob").glob("*.py")):
-        assert not imported_top_modules(path) & {"qt", "ctk", "slicer", "vtk", "torch", "monai"}, path.name
+        forbidden = {"qt", "ctk", "slicer", "vtk"} | (set() if path.name in SUBPROCESS_SCRIPTS else {"torch", "monai"})
+        assert not imported_top_modules(path) & forbidden, path.name
+    for path in gui_side_files():
+        for script in SUBPROCESS_SCRIPTS:
+            assert script[:-3] not in imported_top_modules(path) and f"import {script[:-3]}" not in \
+                path.read_text(encoding="utf-8"), f"{path.name} imports {script}, which must only run as a process"
     for path in sorted((MODULE_DIR / "ContrastiveSegMRML").glob("*.py")):
         assert not imported_top_modules(path) & {"qt", "ctk", "torch", "monai"}, path.name
         uses = api_uses(path)
         assert not {u for u in uses if u.startswith(("slicer.util", "slicer.app", "slicer.mrmlScene"))}, path.name
+
+
+def test_windows_helper_processes_open_no_console_window():
+    """taskkill, tasklist and the quit watchdog run with CREATE_NO_WINDOW (a console flashed before)."""
+    tree = ast.parse((MODULE_DIR / "ContrastiveSegJob" / "treekill.py").read_text(encoding="utf-8"))
+    windows_calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("run", "Popen"):
+            text = ast.unparse(node)
+            if "taskkill" in text or "tasklist" in text or "--after" in text or "argv" in text:
+                windows_calls.append(text)
+                assert "creationflags" in text or "**options" in text, text
+    assert len(windows_calls) >= 3
+    source = (MODULE_DIR / "ContrastiveSegJob" / "treekill.py").read_text(encoding="utf-8")
+    assert "NO_WINDOW = 0x08000000" in source and "Slicer does not\nship it" in source
