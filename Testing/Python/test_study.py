@@ -185,3 +185,49 @@ def test_help_says_the_study_does_not_pretrain():
     result = run_cli(["study", "--help"])
     assert result.returncode == 0
     assert "does not pre-train" in " ".join(result.stdout.split())
+
+
+def test_gpu_workers_never_share_a_device(tmp_path, monkeypatch):
+    """--gpus: one worker per GPU, each running one cell process at a time with only its GPU visible."""
+    import subprocess
+    import threading
+    import time
+
+    from ContrastiveSegLib.study import runner
+    from ContrastiveSegLib.study.design import Cell
+
+    cells = [Cell("scratch", 1, seed) for seed in range(6)]
+    cell_dirs = {cell.key: str(tmp_path / cell.key) for cell in cells}
+    busy, seen, lock = {}, [], threading.Lock()
+
+    def fake_run(command, env, stdout, stderr):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert not busy.get(gpu), f"two cell processes on GPU {gpu}"
+            busy[gpu] = True
+            seen.append((gpu, command[-3]))
+        time.sleep(0.05)
+        with open(os.path.join(command[-3], "result.json"), "w", encoding="utf-8") as handle:
+            json.dump({"status": "finished"}, handle)
+        with lock:
+            busy[gpu] = False
+        return subprocess.CompletedProcess(command, 0)
+
+    for folder in cell_dirs.values():
+        os.makedirs(folder)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    recorded = []
+    failures = runner._run_on_gpus(cells, cell_dirs, [0, 3], lambda cell, result: recorded.append(cell.key),
+                                   log=lambda text: None)
+    assert failures == [] and sorted(recorded) == sorted(cell.key for cell in cells)
+    assert {gpu for gpu, _ in seen} == {"0", "3"} and len(seen) == 6
+
+
+def test_a_minutes_budget_becomes_steps_from_a_measured_step(tmp_path, study_data):
+    args = _study_args(study_data, str(tmp_path / "study"))
+    args[args.index("steps=4")] = "minutes=0.05"
+    result = run_cli(args + ["--dry-run"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(text for text in result.stderr.splitlines() if text.startswith("8 cells"))
+    steps = int(line.split("; ")[1].split()[0])
+    assert steps >= 1
