@@ -361,6 +361,14 @@ def run_study(plan: StudyPlan, dry_run: bool = False, log: Callable[[str], None]
     if any(arm.kind == "selftrain" for arm in plan.arms) and not plan.unlabeled:
         raise InputError("a selftrain arm needs unlabelled scans", path="--unlabeled",
                          fix="give --unlabeled FOLDER (scans that are neither training nor test cases)")
+    for arm in plan.arms:
+        if arm.kind == "selftrain" and arm.checkpoint:
+            kind = load_checkpoint(arm.checkpoint).get("kind")
+            if kind != "pretrain":
+                # A finetune model as init would replace self-training's baseline stage, so the arm
+                # would train fewer steps than the others and miss the scored points.
+                raise InputError(f"is a {kind!r} checkpoint; a selftrain arm starts from a pretrain run",
+                                 path=arm.checkpoint, fix="give --arm selftrain:init=PRETRAIN_RUN")
     subsets = draw_subsets(list(data.pool), plan.counts, plan.seeds, plan.val_count)
     cells = study_cells(plan.arms, plan.counts, plan.seeds)
     arms = {arm.name: arm for arm in plan.arms}

@@ -231,3 +231,15 @@ def test_a_minutes_budget_becomes_steps_from_a_measured_step(tmp_path, study_dat
     line = next(text for text in result.stderr.splitlines() if text.startswith("8 cells"))
     steps = int(line.split("; ")[1].split()[0])
     assert steps >= 1
+
+
+def test_a_selftrain_arm_refuses_a_finetune_checkpoint_as_its_start(tmp_path, study_data):
+    from ContrastiveSegLib.engine.checkpoint import save_checkpoint
+
+    finetuned = str(tmp_path / "finetuned.pt")
+    save_checkpoint(finetuned, {"kind": "finetune", "model_config": {}, "labels": {}, "model": {}})
+    result = run_cli(["study", "--data", study_data["pool"], "--test-data", study_data["test"], "--labels", LABELS,
+                      "--counts", "1", "--seeds", "0", "--arm", f"selftrain:init={finetuned}", "--unlabeled",
+                      study_data["pool"], "--out", str(tmp_path / "s"), "--dry-run"] + TINY_ARGS)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "a selftrain arm starts from a pretrain run" in result.stderr
