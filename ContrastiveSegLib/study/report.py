@@ -204,7 +204,7 @@ def report_text(study: Dict) -> str:
               "interval lies on one side of 0. With few paired units a percentile bootstrap is too narrow "
               "rather than too wide, so read a verdict resting on fewer than about 10 units as a hint.", ""]
     lines += ["## Study size for a 0.02 Dice gain", ""] + (sizes or ["- no comparison"])
-    lines += ["", "The size is the normal approximation n = ((1.96 + 0.84) sd / 0.02)^2, treating the (seed, test "
+    lines += ["", "The size is the normal approximation N = ((1.96 + 0.84) sd / 0.02)^2, treating the (seed, test "
               "case) pairs as independent; pairs that share a seed or a test case are not, so it is a lower "
               "bound. More test cases and more seeds both add pairs; only more test cases (and more distinct "
               "subsets) widen what the result says about new patients.", ""]
