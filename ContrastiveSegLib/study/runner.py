@@ -410,6 +410,10 @@ def run_study(plan: StudyPlan, dry_run: bool = False, log: Callable[[str], None]
             write_json_atomic(spec_path, spec)
         cell_dirs[cell.key] = cell_dir
 
+    todo_before = [cell for cell in cells if not os.path.exists(os.path.join(cell_dirs[cell.key], "result.json"))]
+    if todo_before:
+        check_label_files(plan, data, log)
+
     results: Dict[str, Dict] = {}
     lock = threading.Lock()
 
@@ -448,6 +452,21 @@ def run_study(plan: StudyPlan, dry_run: bool = False, log: Callable[[str], None]
 
         write_report(plan.out, study)
     return study
+
+
+def check_label_files(plan: StudyPlan, data: LoadedData, log: Callable[[str], None]) -> None:
+    """Preprocess every labelled case once, before any cell trains, so a bad label file stops the study at once.
+
+    The training cases go to the study's cache, where the cells find them; the test cases are
+    only checked here (they are scored from their files).
+    """
+    from ..data.preprocess import CasePreparer
+
+    log(f"checking and preprocessing {len(data.pool)} labelled and {len(data.test)} test case(s)")
+    preparer = CasePreparer(plan.config.preprocess, plan.targets, pad_to=plan.config.model.patch_size,
+                            cache_dir=plan.config.data.cache_dir)
+    for case in list(data.pool.values()) + list(data.test):
+        preparer.prepare(case)
 
 
 def _write_study(plan: StudyPlan, settings: Dict, cells: Sequence[Cell], subsets, results: Dict,

@@ -249,3 +249,19 @@ def test_a_selftrain_arm_refuses_a_finetune_checkpoint_as_its_start(tmp_path, st
                       study_data["pool"], "--out", str(tmp_path / "s"), "--dry-run"] + TINY_ARGS)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "a selftrain arm starts from a pretrain run" in result.stderr
+
+
+def test_a_label_file_with_unnamed_values_stops_the_study_before_any_training(tmp_path, study_data, sample_dir):
+    """Every labelled case is checked up front, not when the first cell that trains on it starts.
+
+    The bad case only enters the subsets of seed 1, so checking cell by cell would first train seed 0's cells.
+    """
+    image, label = _pieces(sample_dir)["a"]
+    bad = write_dataset(str(tmp_path / "bad"), {"e": (image, label)}, {"0": "background", "1": "spleen", "5": "liver"})
+    args = _study_args(study_data, str(tmp_path / "study"))
+    args[args.index("--data") + 1:args.index("--data") + 1] = [bad, "--data"]
+    result = run_cli(args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "does not name" in result.stderr
+    assert not any(os.path.exists(tmp_path / "study" / "cells" / cell / "run")
+                   for cell in ("scratch_n1_seed0", "warm_n1_seed0"))
