@@ -244,7 +244,7 @@ def run_cell(cell_dir: str, device: Optional[str] = None, listeners: Sequence[Ca
         summary = _train_cell(spec, arm, config, run, listeners)
         if summary["stopped"]:
             return {"stopped": True}
-        write_json_atomic(trained_path, {"steps": summary["step"], "seconds": summary["seconds"]})
+        write_json_atomic(trained_path, {"steps": summary["step"], "seconds": training_seconds(run.events)})
     with open(trained_path, encoding="utf-8") as handle:
         trained = json.load(handle)
 
@@ -275,6 +275,25 @@ def run_cell(cell_dir: str, device: Optional[str] = None, listeners: Sequence[Ca
               "points": points}
     write_json_atomic(result_path, result)
     return result
+
+
+def training_seconds(events_path: str) -> float:
+    """Wall-clock seconds a run trained, summed over its sessions (an interrupted and resumed run has several).
+
+    Each session runs from its ``start`` event to the last event before the next ``start``.
+    """
+    from ..engine.events import read_events
+
+    total, began, last = 0.0, None, None
+    for event in read_events(events_path):
+        if event["event"] == "start":
+            if began is not None:
+                total += last - began
+            began = event["time"]
+        last = event["time"]
+    if began is not None:
+        total += last - began
+    return round(total, 2)
 
 
 def _train_cell(spec: Dict, arm: Arm, config: RunConfig, run: RunFolder,

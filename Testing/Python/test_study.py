@@ -169,6 +169,10 @@ def test_an_interrupted_study_keeps_a_consistent_json_and_resumes_the_cell(tmp_p
     assert all(c["status"] == "finished" for c in study["cells"])
     starts = [e for e in read_events(os.path.join(out, interrupted["run_dir"], "events.jsonl")) if e["event"] == "start"]
     assert [e["start_step"] for e in starts] == [0, 4]
+    first_session = starts[1]["time"] - starts[0]["time"]   # an upper bound of the first session's time
+    events = read_events(os.path.join(out, interrupted["run_dir"], "events.jsonl"))
+    second_session = events[-1]["time"] - starts[1]["time"]
+    assert second_session < study["cells"][1]["seconds"] <= second_session + first_session
 
 
 def test_dry_run_prints_the_cells_and_an_estimate(tmp_path, study_data):
