@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.io import atomic_output
-from .statistics import paired_bootstrap_ci, units_needed, verdict
+from .statistics import MIN_PAIRED_UNITS, paired_bootstrap_ci, units_needed, verdict
 
 END = "100%"
 GAIN = 0.02
@@ -184,7 +184,8 @@ def report_text(study: Dict) -> str:
                 row += ["(reference)", "", ""]
             else:
                 interval = paired_bootstrap_ci(paired_differences(cells, arm, count))
-                word = verdict(interval["low"], interval["high"]) if interval["units"] else "no paired cells yet"
+                word = verdict(interval["low"], interval["high"], interval["units"]) if interval["units"] \
+                    else "no paired cells yet"
                 row += [f"{_fmt(interval['mean'], True)} [{_fmt(interval['low'], True)}, "
                         f"{_fmt(interval['high'], True)}]", str(interval["units"]), word]
                 verdicts.append(f"- n = {count}, {arm} vs scratch: **{word}** (difference "
@@ -201,8 +202,11 @@ def report_text(study: Dict) -> str:
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Verdicts (end of training)", ""] + (verdicts or ["- only scratch was run: nothing to compare"])
     lines += ["", "A verdict says no more than its interval: \"better\" or \"worse\" only when the whole 95 % "
-              "interval lies on one side of 0. With few paired units a percentile bootstrap is too narrow "
-              "rather than too wide, so read a verdict resting on fewer than about 10 units as a hint.", ""]
+              f"interval lies on one side of 0 and it rests on at least {MIN_PAIRED_UNITS} paired units (with "
+              "fewer, even differences that all share one sign are not significant at 5 % in an exact "
+              "sign-flip test, while a percentile bootstrap interval can still exclude 0). With few units a "
+              "percentile bootstrap is too narrow rather than too wide: read a verdict on fewer than about 10 "
+              "units as a hint.", ""]
     lines += ["## Study size for a 0.02 Dice gain", ""] + (sizes or ["- no comparison"])
     lines += ["", "The size is the normal approximation N = ((1.96 + 0.84) sd / 0.02)^2, treating the (seed, test "
               "case) pairs as independent; pairs that share a seed or a test case are not, so it is a lower "

@@ -16,6 +16,12 @@ import numpy as np
 
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference at this size"
 
+# The fewest paired units that can show a difference at two-sided 5 %: an exact sign-flip test of U
+# pairs whose differences all share one sign has p = 2 / 2^U, which is 0.0625 for 5 pairs and
+# 0.031 for 6.  Below that a percentile bootstrap interval can still exclude 0 (with 2 pairs it is
+# just their range), so no verdict other than "no detectable difference" is given.
+MIN_PAIRED_UNITS = 6
+
 
 def paired_bootstrap_ci(differences: np.ndarray, level: float = 0.95, resamples: int = 10000,
                         seed: int = 0) -> Dict[str, float]:
@@ -64,8 +70,14 @@ def paired_bootstrap_ci(differences: np.ndarray, level: float = 0.95, resamples:
     return {"mean": mean, "low": float(low), "high": float(high), "sd": sd, "units": units}
 
 
-def verdict(low: float, high: float) -> str:
-    """``better`` when the whole interval is above 0, ``worse`` when below, otherwise no detectable difference."""
+def verdict(low: float, high: float, units: int) -> str:
+    """``better`` when the whole interval is above 0, ``worse`` when below, otherwise no detectable difference.
+
+    With fewer than :data:`MIN_PAIRED_UNITS` paired units no difference is detectable at 5 %,
+    whatever the interval says.
+    """
+    if units < MIN_PAIRED_UNITS:
+        return NO_DIFFERENCE
     if math.isfinite(low) and low > 0.0:
         return BETTER
     if math.isfinite(high) and high < 0.0:
@@ -78,10 +90,11 @@ def units_needed(sd: float, gain: float = 0.02, alpha: float = 0.05, power: floa
 
     The normal approximation ``n = ((z_{1-alpha/2} + z_{power}) * sd / gain)^2`` for a paired
     difference whose per-unit standard deviation is ``sd``; it treats the ``(seed, case)``
-    units as independent, so it is a lower bound when seeds or cases are correlated.
-    None when ``sd`` is not known (fewer than two units).
+    units as independent, so it is a lower bound when seeds or cases are correlated; and never
+    fewer than :data:`MIN_PAIRED_UNITS`, below which no verdict is given.  None when ``sd`` is
+    not known (fewer than two units).
     """
     if not math.isfinite(sd) or gain <= 0:
         return None
     z = NormalDist().inv_cdf(1.0 - alpha / 2.0) + NormalDist().inv_cdf(power)
-    return max(2, int(math.ceil((z * sd / gain) ** 2)))
+    return max(MIN_PAIRED_UNITS, int(math.ceil((z * sd / gain) ** 2)))
