@@ -103,8 +103,8 @@ def write_csv(path: str, cells: Sequence[Dict]) -> None:
 def write_plot(path: str, cells: Sequence[Dict], arms: Sequence[str], organs: Sequence[str]) -> None:
     """Mean Dice at the end of training against n (log axis): a line per arm, the seeds' range as a band.
 
-    The first panel is the mean over organs; then one small panel per organ.  A seed's value is
-    its mean over the test cases.
+    The first panel is the mean over organs; then one small panel per organ (with a single organ,
+    only its panel).  A seed's value is its mean over the test cases.
     """
     import matplotlib
 
@@ -112,7 +112,7 @@ def write_plot(path: str, cells: Sequence[Dict], arms: Sequence[str], organs: Se
     import matplotlib.pyplot as plt
 
     counts = sorted({cell["n"] for cell in cells})
-    panels = [None] + list(organs)
+    panels = [None] + list(organs) if len(organs) > 1 else list(organs)  # one organ: its panel is the mean
     columns = min(len(panels), 4)
     rows = int(math.ceil(len(panels) / columns))
     figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.0 * rows), squeeze=False)
