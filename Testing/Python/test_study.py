@@ -269,3 +269,25 @@ def test_a_label_file_with_unnamed_values_stops_the_study_before_any_training(tm
     assert "does not name" in result.stderr
     assert not any(os.path.exists(tmp_path / "study" / "cells" / cell / "run")
                    for cell in ("scratch_n1_seed0", "warm_n1_seed0"))
+
+
+@pytest.mark.slow  # shares the tiny study
+def test_the_gpu_worker_entry_point_rescores_a_cell_whose_result_is_missing(finished_study):
+    """``python -m ContrastiveSegLib.study.runner CELL`` (what each GPU worker runs), here on the CPU."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    out, study, _ = finished_study
+    cell_dir = os.path.join(out, "cells", "warm_n2_seed1")
+    with open(os.path.join(cell_dir, "result.json"), encoding="utf-8") as handle:
+        before = json.load(handle)
+    os.remove(os.path.join(cell_dir, "result.json"))
+    environment = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    completed = subprocess.run([sys.executable, "-m", "ContrastiveSegLib.study.runner", cell_dir, "--device", "cpu"],
+                               env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    with open(os.path.join(cell_dir, "result.json"), encoding="utf-8") as handle:
+        after = json.load(handle)
+    assert after["points"] == before["points"] and after["train_case_ids"] == before["train_case_ids"]
