@@ -14,6 +14,7 @@ Layout of ``STUDY/``::
     cells/<arm>_n<N>_seed<S>/predictions/   the scored label maps, on each test image's grid
     cells/<arm>_n<N>_seed<S>/trained.json   training finished (steps, seconds)
     cells/<arm>_n<N>_seed<S>/result.json    the cell's scores: the cell is finished
+    cells/<arm>_n<N>_seed<S>/worker.log     the cell process's output (--gpus only)
 
 On the CPU (or one device) the cells run one after another in this process.
 With ``--gpus 0,1,...`` one worker subprocess per GPU takes the next cell when
@@ -464,8 +465,8 @@ def run_study(plan: StudyPlan, dry_run: bool = False, log: Callable[[str], None]
                     break
                 record(cell, result)
     finally:
-        record(cells[0], None)   # study.json as it stands, also after Ctrl-C or a failure
-    study = _write_study(plan, settings, cells, subsets, results, cell_dirs)
+        with lock:  # study.json as it stands, also after Ctrl-C or a failure
+            study = _write_study(plan, settings, cells, subsets, results, cell_dirs)
     if results and not stopped:
         from .report import write_report
 
