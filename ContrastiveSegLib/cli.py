@@ -21,8 +21,21 @@ from .errors import InputError
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class _ArgumentsExcept:
+    """A parser's ``add_argument`` that skips the flags in ``omit`` (options a command sets itself)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, omit: tuple):
+        self.parser, self.omit = parser, omit
+
+    def add_argument(self, flag: str, **options) -> None:
+        if flag not in self.omit:
+            self.parser.add_argument(flag, **options)
+
+
 def _add_common_training_arguments(parser: argparse.ArgumentParser, default_steps: int,
-                                   steps_help: str = "optimisation steps") -> None:
+                                   steps_help: str = "optimisation steps", omit: tuple = ()) -> None:
+    if omit:
+        parser = _ArgumentsExcept(parser, omit)
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder to create (or continue with --resume)")
     parser.add_argument("--model", choices=["unetr", "unet"], default="unetr",
                         help="backbone: UNETR (the papers') or a light convolutional U-Net for CPUs (default: unetr)")
@@ -163,7 +176,52 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--hd95", action="store_true", help="also compute the 95th-percentile Hausdorff distance (mm)")
 
     commands.add_parser("info", help="versions, CUDA and devices")
+
+    study = commands.add_parser(
+        "study", help="does pre-training help on my data? Dice against the number of labelled scans, paired",
+        description="Fine-tune every arm (scratch, pre-trained checkpoints, self-training) on the same subsets "
+                    "of n labelled scans for every count n and seed, score each on the --test-data cases at "
+                    "several points of training, and write study.json, study.csv, study.png and report.md "
+                    "(paired differences to scratch with 95 % bootstrap intervals and a verdict). The study "
+                    "does not pre-train: arms that start from a pre-trained model are given as finished "
+                    "pretrain runs. Each cell is a run folder under OUT/cells/: run the same command again to "
+                    "reuse finished cells and resume an interrupted one.")
+    study.add_argument("--data", action="append", required=True, metavar="SPEC",
+                       help="the labelled pool the training subsets are drawn from (repeatable)")
+    study.add_argument("--test-data", action="append", required=True, metavar="SPEC",
+                       help="labelled test scans, never trained on, validated on or used to choose a checkpoint "
+                            "(repeatable)")
+    study.add_argument("--labels", required=True, metavar="NAMES", help="target organs by name, comma-separated")
+    study.add_argument("--counts", default="1,2,4,8", metavar="N,N,...",
+                       help="numbers of labelled training scans (default: 1,2,4,8)")
+    study.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
+                       help="seeds: each draws its own subsets and trains every arm with it (default: 0,1,2)")
+    study.add_argument("--arm", action="append", default=[], metavar="ARM",
+                       help="scratch | NAME=RUN | NAME=RUN/checkpoints/last.pt | selftrain[:init=RUN][,KEY=VALUE] "
+                            "(repeatable; scratch is always included, as the reference)")
+    study.add_argument("--unlabeled", action="append", default=[], metavar="SPEC|FOLDER",
+                       help="unlabelled scans for selftrain arms (neither training nor test scans)")
+    study.add_argument("--budget", default="steps=2000", metavar="steps=N|minutes=M",
+                       help="training per cell, the same for every arm (minutes are turned into steps once, "
+                            "from a measured step) (default: steps=2000)")
+    study.add_argument("--score-at", default="0.25,0.5,1", metavar="FRACTIONS",
+                       help="shares of the budget at which the checkpoint is scored; 1 (the end) is always one "
+                            "(default: 0.25,0.5,1)")
+    study.add_argument("--val-count", type=int, default=0,
+                       help="labelled cases per seed set aside for validation, the same for every arm and count "
+                            "(default: 0)")
+    study.add_argument("--out", required=True, metavar="STUDY", help="study folder (created, or continued)")
+    study.add_argument("--dry-run", action="store_true",
+                       help="print the cells and a time estimate from a measured step; train nothing")
+    study.add_argument("--gpus", default=None, metavar="0,1,...",
+                       help="run cells in parallel, one process per GPU (default: one after another on --device)")
+    _add_common_training_arguments(study, default_steps=0, omit=STUDY_SETS_ITSELF)
     return parser
+
+
+# Options of finetune that the study sets per cell, so it does not offer them.
+STUDY_SETS_ITSELF = ("--out", "--max-steps", "--seed", "--val-every", "--checkpoint-every", "--resume",
+                     "--events-stdout")
 
 
 def _training_config(args: argparse.Namespace, command: str):
@@ -340,6 +398,45 @@ def _cmd_info(args) -> int:
     return EXIT_OK
 
 
+def study_plan_from_args(args: argparse.Namespace):
+    """The checked :class:`~ContrastiveSegLib.study.runner.StudyPlan` of ``contrastiveseg study`` ARGS."""
+    from .data.labels import parse_target_names
+    from .study.design import parse_arms, parse_budget, parse_fractions, parse_int_list
+    from .study.runner import StudyPlan
+
+    passed = argparse.Namespace(**vars(args))
+    passed.max_steps, passed.seed, passed.val_every, passed.checkpoint_every = 1, 0, 0, 0
+    passed.data, passed.val_data, passed.labeled_fraction, passed.folds, passed.fold = [], [], 1.0, 0, 0
+    passed.init = None
+    config = _training_config(passed, "finetune")
+    gpus = parse_int_list(args.gpus, "--gpus", 0) if args.gpus else []
+    if gpus:
+        import torch
+
+        if not torch.cuda.is_available() or max(gpus) >= torch.cuda.device_count():
+            raise InputError(f"GPU(s) {args.gpus} asked for, PyTorch sees {torch.cuda.device_count()}", path="--gpus",
+                             fix="list GPUs that exist (see contrastiveseg info), or leave --gpus out")
+    if args.val_count < 0:
+        raise InputError(f"{args.val_count} is negative", path="--val-count")
+    plan = StudyPlan(out=os.path.abspath(args.out), data=list(args.data), test_data=list(args.test_data),
+                     targets=parse_target_names(args.labels), counts=parse_int_list(args.counts, "--counts", 1),
+                     seeds=parse_int_list(args.seeds, "--seeds", 0), arms=parse_arms(args.arm),
+                     budget=parse_budget(args.budget), config=config, fractions=parse_fractions(args.score_at),
+                     val_count=args.val_count, unlabeled=list(args.unlabeled), gpus=gpus)
+    return plan
+
+
+def _cmd_study(args) -> int:
+    from .study.runner import run_study
+
+    plan = study_plan_from_args(args)
+    study = run_study(plan, dry_run=args.dry_run, log=lambda text: print(text, file=sys.stderr))
+    if not args.dry_run:
+        print(f"study folder: {plan.out} ({sum(c.get('status') == 'finished' for c in study['cells'])} of "
+              f"{len(study['cells'])} cells finished)", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -349,7 +446,7 @@ def _cmd_demo(args) -> int:
 
 COMMANDS = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "selftrain": _cmd_selftrain,
             "predict": _cmd_predict, "evaluate": _cmd_evaluate, "info": _cmd_info,
-            "demo": _cmd_demo}
+            "demo": _cmd_demo, "study": _cmd_study}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -40,7 +40,7 @@ def split_cases(config: RunConfig, cases: Sequence[Case], val_cases: Sequence[Ca
         train_ids, val_ids = list(by_id), []
     elif data.folds:
         train_ids, val_ids = kfold_split(list(by_id), data.folds, data.fold, seed)
-    elif len(by_id) >= 3:
+    elif len(by_id) >= 3 and data.val_fraction > 0:  # val_fraction 0: the caller chose its validation itself
         count = max(1, int(round(data.val_fraction * len(by_id))))
         order = np.random.default_rng([seed, 15485863]).permutation(len(by_id))
         held = {list(by_id)[i] for i in order[:count]}
