@@ -91,7 +91,7 @@ def test_sampled_voxels_are_on_the_coarse_grid_and_padded():
     label = np.zeros((8, 8, 4), dtype=np.uint8)
     label[0:4, 0:4, 0:2] = 3        # on the 2x coarser grid: a 2x2x1 block (4 voxels) of class 3
     label[6, 6, 2] = 5               # (3, 3, 1) on the coarse grid: one voxel of class 5
-    settings = dict(mixcl.DEFAULTS, samples_per_class=3)
+    settings = dict(mixcl.DEFAULTS, samples_per_class=3, background_negatives=False)
     indices, values = mixcl.sampled_voxels(label, 2, 8, settings, np.random.default_rng(0))
     assert indices.shape == values.shape == (8,)
     coarse = label[::2, ::2, ::2]
@@ -99,6 +99,11 @@ def test_sampled_voxels_are_on_the_coarse_grid_and_padded():
     assert sorted(values[kept].tolist()) == [3, 3, 3, 5]          # r = 3 of class 3, the single voxel of 5
     assert (coarse.reshape(-1)[indices[kept]] == values[kept]).all()  # each index holds its label
     assert (values[~kept] == -1).all() and (indices[~kept] == 0).all()
+    # With background as a negative, r background voxels are drawn too, uniformly.
+    settings["background_negatives"] = True
+    indices, values = mixcl.sampled_voxels(label, 2, 12, settings, np.random.default_rng(0))
+    assert sorted(values[values >= 0].tolist()) == [0, 0, 0, 3, 3, 3, 5]
+    assert (coarse.reshape(-1)[indices[values == 0]] == 0).all()
 
 
 def test_auxiliary_patch_comes_from_the_same_dataset_half_of_the_time_the_same_case(mixed_datasets):
@@ -122,9 +127,17 @@ def test_samples_are_reproducible_and_shaped(mixed_datasets):
         torch.testing.assert_close(a[key], b[key])
     assert not torch.equal(a["views"], c["views"])
     assert a["views"].shape == a["patches"].shape == (3, 1, 32, 32, 16)
-    assert a["index1"].shape == a["label1"].shape == (16 * 3,)
-    # Views 1 and 1' come from one deformed patch: same reconstruction target.
-    torch.testing.assert_close(a["patches"][0], a["patches"][1])
+    assert a["index1"].shape == a["label1"].shape == (16 * 4,)          # 3 organs + background
+    assert a["pairs"].shape == (len(mixcl.LEVEL_NAMES), 2, mixcl.DEFAULTS["identity_pixels"])
+    # Independent geometry: V1 and V1' are different resamplings of one crop, and their cells pair up.
+    assert not torch.equal(a["patches"][0], a["patches"][1])
+    assert (a["pairs"][0, 0] >= 0).sum() > 100
+    # The paper's shared geometry: one deformed patch, the same reconstruction target, every cell its own pair.
+    shared = mixcl.MixCLSamples(sources, (32, 32, 16), dict(mixcl.DEFAULTS, samples_per_class=16,
+                                                            view_geometry="shared"), seed=7, length=10)[4]
+    torch.testing.assert_close(shared["patches"][0], shared["patches"][1])
+    enc2 = shared["pairs"][1]
+    assert (enc2[0] >= 0).sum() == 16 * 16 * 8 and torch.equal(enc2[0], enc2[1])
 
 
 def _tiny_objective(**settings):
@@ -144,8 +157,13 @@ def _batch(objective, seed=0):
             "label2": torch.tensor([[1, 2, 2, 0, -1, -1], [3, 3, 1, 1, 2, -1]])}
 
 
+PAPER = {"identity_reduction": "sum", "lambd": 0.0051, "skip_thin_levels": False, "background_negatives": False,
+         "view_geometry": "shared"}
+
+
 def test_objective_equals_the_sum_of_its_terms_computed_directly():
-    objective = _tiny_objective(alpha=0.3, beta=0.7)
+    """The paper's composition (levels summed, one geometry): kept as an option, term for term."""
+    objective = _tiny_objective(alpha=0.3, beta=0.7, **PAPER)
     batch = _batch(objective)
     loss, logs = objective(batch)
 
@@ -189,7 +207,11 @@ def test_objective_gradients_reach_encoder_projectors_and_reconstruction_head():
     encoder_first = objective.backbone.net.conv_0.conv_0.conv.weight
     assert encoder_first.grad is not None and encoder_first.grad.abs().sum() > 0
     for name, head in objective.projectors.items():
-        assert head[0].weight.grad.abs().sum() > 0, name
+        assert head[0].weight.grad is not None, name   # DDP needs a gradient for every trainable tensor
+        if name in ("bottleneck",):   # 2 x 2 x 1 cells x 2 samples = 8 pixels < 64 channels: sits out
+            assert head[0].weight.grad.abs().sum() == 0
+        else:
+            assert head[0].weight.grad.abs().sum() > 0, name
     assert objective.reconstruction.weight.grad.abs().sum() > 0
 
 
@@ -224,7 +246,7 @@ def test_pretrain_on_mixed_label_sets_then_finetune_from_it(tmp_path, mixed_data
     assert any(key.startswith("projectors.") for key in state["extra"])
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert config["method"]["name"] == "mixcl" and config["method"]["samples_per_class"] == 32
-    assert config["method"]["alpha"] == 0.01 and config["train"]["batch_size"] == 2
+    assert config["method"]["alpha"] == mixcl.DEFAULTS["alpha"] and config["train"]["batch_size"] == 2
     events = read_events(str(run / "events.jsonl"))
     steps = [e for e in events if e["event"] == "step"]
     assert {"identity", "label", "recon", "id_enc2"} <= set(steps[-1]["losses"])
