@@ -349,7 +349,8 @@ class MixCLObjective(nn.Module):
         total = total.mean() if settings["identity_reduction"] == "mean" else total.sum()
         return total if unused is None else total + unused
 
-    def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def terms(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """The three weighted terms ``{"identity", "label": alpha L_label, "recon": beta L_recon}`` and the logs."""
         settings = self.settings
         views = batch["views"]
         size = views.shape[0]
@@ -380,13 +381,16 @@ class MixCLObjective(nn.Module):
         recon = torch.mean((reconstruction.float() - targets.float()) ** 2)
 
         weighted = {"identity": identity, "label": settings["alpha"] * label, "recon": settings["beta"] * recon}
-        loss = weighted["identity"] + weighted["label"] + weighted["recon"]
         # The label loss is exactly 0 (and so is its gradient) when the pairs hold no negative or no positive.
-        label_active = bool(label.detach() != 0)
         logs.update(identity=float(identity.detach()), label=float(label.detach()), recon=float(recon.detach()),
-                    label_pixels=float(z1.shape[0] + z2.shape[0]), label_active=float(label_active))
+                    label_pixels=float(z1.shape[0] + z2.shape[0]), label_active=float(label.detach() != 0))
+        return weighted, logs
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        weighted, logs = self.terms(batch)
+        loss = weighted["identity"] + weighted["label"] + weighted["recon"]
         if self.gradient_log is not None and self.training:
-            self.gradient_log.count_label_gradient(label_active)
+            self.gradient_log.count_label_gradient(logs["label_active"] > 0)
             step = self.gradient_log.step_to_measure(batch)
             if step is not None:
                 self.gradient_log.report(step, encoder_gradient_norms(weighted, self.encoder_parameters()))
