@@ -275,7 +275,8 @@ def cell_centres(patch_shape: Sequence[int], factor: int):
 
 
 def view_correspondence(first: SpatialTransform, second: SpatialTransform, patch_shape: Sequence[int],
-                        factor: int = 1, tolerance: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+                        factor: int = 1, tolerance: float = 0.5,
+                        cells: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Corresponding cells of two views on the grid of a level that pools ``factor`` voxels per axis.
 
     For every cell of view 1, the point of the crop its centre samples is found in view 2
@@ -283,6 +284,9 @@ def view_correspondence(first: SpatialTransform, second: SpatialTransform, patch
     view 2's patch and its own centre samples a point at most ``tolerance * factor`` crop voxels
     away (the two source coordinates coincide up to that).  Pairs outside the views' overlap have
     no partner and are left out.
+
+    ``cells`` (flat view-1 cell indices) limits the search to those cells: a fine level has far
+    more cells than a loss needs, and the search costs time in the data workers.
 
     Returns:
         ``(cells1 [n] int64, cells2 [n] int64)``: flat C-order indices into the level grid of
@@ -292,17 +296,20 @@ def view_correspondence(first: SpatialTransform, second: SpatialTransform, patch
 
     grid = level_grid_shape(patch_shape, factor)
     centres = cell_centres(patch_shape, factor)
+    flat1 = torch.arange(centres.shape[0])
+    if cells is not None:
+        flat1 = torch.as_tensor(np.asarray(cells, dtype=np.int64))
+        centres = centres[flat1]
     sources = map_points(first, centres, patch_shape)
     found = inverse_map_points(second, sources, patch_shape)
-    cells = torch.round((found - (factor - 1) / 2.0) / factor).long()                   # [N, 3]
+    partner = torch.round((found - (factor - 1) / 2.0) / factor).long()                 # [N, 3]
     limits = torch.tensor(grid)
-    inside = ((cells >= 0) & (cells < limits)).all(dim=1)
-    cells = cells.clamp(min=torch.zeros(3, dtype=torch.long), max=limits - 1)
-    partner_centres = cells.float() * factor + (factor - 1) / 2.0
+    inside = ((partner >= 0) & (partner < limits)).all(dim=1)
+    partner = partner.clamp(min=torch.zeros(3, dtype=torch.long), max=limits - 1)
+    partner_centres = partner.float() * factor + (factor - 1) / 2.0
     distance = (map_points(second, partner_centres, patch_shape) - sources).norm(dim=1)
     keep = inside & (distance <= tolerance * factor)
-    flat2 = (cells[:, 0] * grid[1] + cells[:, 1]) * grid[2] + cells[:, 2]
-    flat1 = torch.arange(centres.shape[0])
+    flat2 = (partner[:, 0] * grid[1] + partner[:, 1]) * grid[2] + partner[:, 2]
     return flat1[keep].numpy().astype(np.int64), flat2[keep].numpy().astype(np.int64)
 
 
