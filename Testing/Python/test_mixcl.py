@@ -133,7 +133,7 @@ def test_samples_are_reproducible_and_shaped(mixed_datasets):
     assert not torch.equal(a["patches"][0], a["patches"][1])
     assert (a["pairs"][0, 0] >= 0).sum() > 100
     # The paper's shared geometry: one deformed patch, the same reconstruction target, every cell its own pair.
-    shared = mixcl.MixCLSamples(sources, (32, 32, 16), dict(mixcl.DEFAULTS, samples_per_class=16,
+    shared = mixcl.MixCLSamples(sources, (32, 32, 16), dict(mixcl.DEFAULTS, samples_per_class=16, identity_pixels=4096,
                                                             view_geometry="shared"), seed=7, length=10)[4]
     torch.testing.assert_close(shared["patches"][0], shared["patches"][1])
     enc2 = shared["pairs"][1]
