@@ -184,6 +184,9 @@ def _pretrain(config: RunConfig, run: RunFolder, context: DistributedContext, re
     length = config.train.max_steps * config.train.batch_size * config.train.grad_accumulation * context.world_size
     objective, dataset = module.build(config, backbone, sources, length)
     freeze_untrained(backbone, trains_decoder=getattr(module, "TRAINS_DECODER", False))
+    gradient_log = getattr(objective, "gradient_log", None)
+    if gradient_log is not None:
+        gradient_log.events = events   # term_gradients events (methods/term_gradients.py)
     if context.is_main:
         write_json_atomic(run.config, config.to_dict())
         write_json_atomic(run.labels, labels)
@@ -195,5 +198,9 @@ def _pretrain(config: RunConfig, run: RunFolder, context: DistributedContext, re
     trainer = Trainer(run, config, objective, dataset, context, events, kind="pretrain", labels=labels,
                       collate=getattr(module, "collate", None))
     summary = trainer.fit(resume=resume)
+    if gradient_log is not None and gradient_log.label_gradient_share() is not None:
+        summary["label_gradient_share"] = gradient_log.label_gradient_share()
+        events.emit("label_gradients", share=summary["label_gradient_share"],
+                    batches=gradient_log.counted_batches, with_gradient=gradient_log.active_batches)
     summary["run_dir"] = run.root
     return summary

@@ -182,3 +182,170 @@ def intensity_view(image: np.ndarray, rng: np.random.Generator, prob: float = 0.
         transform.set_random_state(seed=_seed(rng))
         out = transform(out)
     return np.asarray(out, dtype=np.float32)
+
+
+# --- paired views: each view its own geometry, with the voxel correspondence between them -----------------
+#
+# Dense contrastive losses (MixCL's identity term, GCL's pixel InfoNCE) compare a voxel of one view with
+# "the same voxel" of the other.  If both views share one spatial transform that is the same array index,
+# and a code for where a voxel sits in the patch satisfies the loss (docs/pretraining.md).  Here both views
+# are cut from one larger crop, each with its own offset, rotation, scale and elastic field, and a pair of
+# positions counts as corresponding when their source coordinates in the crop coincide (PixPro, VADeR and
+# DenseCL do the same in 2D).
+
+VIEW_GEOMETRIES = ("independent", "shared")
+
+
+def view_crop_shape(patch_shape: Sequence[int], max_shift: float = 0.25, slack: float = 1.2) -> Tuple[int, ...]:
+    """Shape of the shared crop two views of ``patch_shape`` are cut from.
+
+    Each view's centre moves by up to ``max_shift * patch`` per axis; ``slack`` leaves room for
+    rotation and zoom, so the views rarely sample outside the crop (where they would see zeros).
+    """
+    return tuple(int(np.ceil(p * (1.0 + 2.0 * max_shift) * slack)) for p in patch_shape)
+
+
+def map_points(transform: SpatialTransform, points, output_shape: Sequence[int]):
+    """Source coordinates of fractional output positions: ``points [N, 3]`` -> ``[N, 3]`` float32 tensor.
+
+    At integer voxels this equals :meth:`SpatialTransform.source_coordinates`; between them the
+    elastic field is interpolated trilinearly from the same control points.
+    """
+    import torch
+
+    points = torch.as_tensor(points, dtype=torch.float32)
+    size = [int(s) for s in output_shape]
+    centre = torch.tensor([(s - 1) / 2.0 for s in size], dtype=torch.float32)
+    source = (points - centre) @ torch.from_numpy(np.asarray(transform.matrix, dtype=np.float32)).T
+    if transform.elastic is not None:
+        source = source + _elastic_at(transform, points, size)
+    return source + torch.from_numpy(np.asarray(transform.input_centre, dtype=np.float32))
+
+
+def _elastic_at(transform: SpatialTransform, points, size: Sequence[int]):
+    """The elastic displacement ``[N, 3]`` at fractional output positions ``points [N, 3]``."""
+    import torch
+    import torch.nn.functional as F
+
+    coarse = torch.from_numpy(np.asarray(transform.elastic, dtype=np.float32))[None]       # [1, 3, px, py, pz]
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in size], dtype=torch.float32)
+    grid = (points * scale - 1.0).flip(-1).reshape(1, -1, 1, 1, 3)
+    field = F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return field.reshape(3, -1).T
+
+
+def inverse_map_points(transform: SpatialTransform, sources, output_shape: Sequence[int], iterations: int = 8):
+    """Output positions that ``transform`` sends to ``sources [N, 3]``: ``[N, 3]`` float32 tensor.
+
+    The affine part is inverted exactly; the elastic part by fixed-point iteration
+    ``p <- A^-1 (s - centre - elastic(p))``, which converges because the field is smooth and
+    a few voxels at most.  Without an elastic field the answer is exact after one step.
+    """
+    import torch
+
+    sources = torch.as_tensor(sources, dtype=torch.float32)
+    size = [int(s) for s in output_shape]
+    centre = torch.tensor([(s - 1) / 2.0 for s in size], dtype=torch.float32)
+    inverse = torch.from_numpy(np.linalg.inv(np.asarray(transform.matrix, dtype=np.float64)).astype(np.float32))
+    offset = sources - torch.from_numpy(np.asarray(transform.input_centre, dtype=np.float32))
+    points = offset @ inverse.T + centre
+    if transform.elastic is None:
+        return points
+    for _ in range(int(iterations)):
+        points = (offset - _elastic_at(transform, points, size)) @ inverse.T + centre
+    return points
+
+
+def level_grid_shape(patch_shape: Sequence[int], factor: int) -> Tuple[int, ...]:
+    """Grid of a feature level that pools ``factor`` voxels per axis (at least one cell per axis)."""
+    return tuple(max(int(p) // int(factor), 1) for p in patch_shape)
+
+
+def cell_centres(patch_shape: Sequence[int], factor: int):
+    """``[prod(grid), 3]`` float32 tensor: the voxel position each cell of the level grid stands for, C order.
+
+    Cell ``k`` covers voxels ``k * factor .. k * factor + factor - 1``, so its centre is
+    ``k * factor + (factor - 1) / 2``.
+    """
+    import torch
+
+    grid = level_grid_shape(patch_shape, factor)
+    axes = [torch.arange(g, dtype=torch.float32) * factor + (factor - 1) / 2.0 for g in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def view_correspondence(first: SpatialTransform, second: SpatialTransform, patch_shape: Sequence[int],
+                        factor: int = 1, tolerance: float = 0.5,
+                        cells: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Corresponding cells of two views on the grid of a level that pools ``factor`` voxels per axis.
+
+    For every cell of view 1, the point of the crop its centre samples is found in view 2
+    (:func:`inverse_map_points`); the nearest cell of view 2 is its partner when it lies inside
+    view 2's patch and its own centre samples a point at most ``tolerance * factor`` crop voxels
+    away (the two source coordinates coincide up to that).  Pairs outside the views' overlap have
+    no partner and are left out.
+
+    ``cells`` (flat view-1 cell indices) limits the search to those cells: a fine level has far
+    more cells than a loss needs, and the search costs time in the data workers.
+
+    Returns:
+        ``(cells1 [n] int64, cells2 [n] int64)``: flat C-order indices into the level grid of
+        view 1 and of view 2; ``n`` is the number of corresponding pairs (one per view-1 cell at most).
+    """
+    import torch
+
+    grid = level_grid_shape(patch_shape, factor)
+    centres = cell_centres(patch_shape, factor)
+    flat1 = torch.arange(centres.shape[0])
+    if cells is not None:
+        flat1 = torch.as_tensor(np.asarray(cells, dtype=np.int64))
+        centres = centres[flat1]
+    sources = map_points(first, centres, patch_shape)
+    found = inverse_map_points(second, sources, patch_shape)
+    partner = torch.round((found - (factor - 1) / 2.0) / factor).long()                 # [N, 3]
+    limits = torch.tensor(grid)
+    inside = ((partner >= 0) & (partner < limits)).all(dim=1)
+    partner = partner.clamp(min=torch.zeros(3, dtype=torch.long), max=limits - 1)
+    partner_centres = partner.float() * factor + (factor - 1) / 2.0
+    distance = (map_points(second, partner_centres, patch_shape) - sources).norm(dim=1)
+    keep = inside & (distance <= tolerance * factor)
+    flat2 = (partner[:, 0] * grid[1] + partner[:, 1]) * grid[2] + partner[:, 2]
+    return flat1[keep].numpy().astype(np.int64), flat2[keep].numpy().astype(np.int64)
+
+
+def draw_view_transform(rng: np.random.Generator, crop_shape: Sequence[int], patch_shape: Sequence[int], *,
+                        max_shift: float = 0.25, spatial_prob: float = 0.5, max_rotation: float = 0.26,
+                        max_scale: float = 0.1, max_displacement: float = 3.0,
+                        control_spacing: int = 16) -> SpatialTransform:
+    """One view's geometry inside a crop: an offset of its centre (up to ``max_shift * patch`` per axis,
+    always drawn), then affine and elastic each with ``spatial_prob`` as in :func:`draw_spatial_transform`."""
+    shift = rng.uniform(-1.0, 1.0, size=3) * max_shift * np.asarray(patch_shape, dtype=np.float64)
+    drawn = draw_spatial_transform(rng, crop_shape, affine_prob=spatial_prob, elastic_prob=spatial_prob,
+                                   max_rotation=max_rotation, scale_range=(1.0 - max_scale, 1.0 + max_scale),
+                                   max_displacement=max_displacement, output_shape=patch_shape,
+                                   control_spacing=control_spacing)
+    return SpatialTransform(drawn.matrix, drawn.input_centre + shift, drawn.elastic)
+
+
+def render_view(crop: np.ndarray, label: Optional[np.ndarray], transform: SpatialTransform,
+                patch_shape: Sequence[int]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Resample ``crop [1, *crop]`` (and its ``label``) through ``transform`` to a ``[1, *patch]`` view."""
+    source = transform.source_coordinates(patch_shape)
+    image = resample(crop, source, "bilinear")
+    return image, (resample(label, source, "nearest") if label is not None else None)
+
+
+def draw_view_pair(rng: np.random.Generator, crop_shape: Sequence[int], patch_shape: Sequence[int],
+                   geometry: str = "independent", **options) -> Tuple[SpatialTransform, SpatialTransform]:
+    """The two geometries of a view pair cut from one crop.
+
+    ``geometry="independent"`` (default, ours): each view draws its own transform
+    (:func:`draw_view_transform`, ``options`` passed on).  ``"shared"``: the MixCL paper's reading,
+    one transform for both views (then every voxel corresponds to itself).
+    """
+    if geometry not in VIEW_GEOMETRIES:
+        raise ValueError(f"geometry must be one of {VIEW_GEOMETRIES}, got {geometry!r}")
+    first = draw_view_transform(rng, crop_shape, patch_shape, **options)
+    if geometry == "shared":
+        return first, first
+    return first, draw_view_transform(rng, crop_shape, patch_shape, **options)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ._checks import at_least_float32, check_embeddings, check_positive
 
 NORMALIZATIONS = ("l2", "batchnorm")
+REDUCTIONS = ("sum", "mean")
 
 
 def flatten_feature_map(features: torch.Tensor) -> torch.Tensor:
@@ -141,6 +142,7 @@ def identity_loss(
     normalization: str = "l2",
     distributed: bool | None = None,
     eps: float = 1e-8,
+    reduction: str = "sum",
 ) -> torch.Tensor:
     """MixCL identity-consistency loss for one encoder level (Eq. 4-5).
 
@@ -165,13 +167,27 @@ def identity_loss(
             what DistributedDataParallel expects: it averages parameter gradients
             over ranks, giving exactly the single-process gradient on all rows.
         eps: numerical floor, see :func:`cross_correlation`.
+        reduction: ``"sum"`` (paper, default: the formula above) or ``"mean"`` (ours): the
+            on-diagonal sum divided by ``C`` and the off-diagonal sum by ``C (C - 1)``,
+            ``L = mean_i (1 - C_ii)^2 + lambd * mean_{i != j} C_ij^2``, so the size of the loss
+            at a given correlation does not grow with the number of channels.  (The summed form
+            grows with ``C^2``, and where ``M < C`` rows its off-diagonal part cannot fall below
+            ``lambd (C^2 / M - C)``.)  ``lambd`` then weighs two means: Barlow Twins' 0.0051 with
+            8192 channels corresponds to about 42 here.
 
     Returns:
         Scalar tensor (float32, or float64 for float64 input).
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"identity_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if isinstance(lambd, bool) or not isinstance(lambd, (int, float)) or not lambd >= 0:
         raise ValueError(f"identity_loss: lambd must be a number >= 0, got {lambd!r}.")
     correlation = _cross_correlation("identity_loss", z1, z2, normalization, distributed, eps)
     diagonal = torch.diagonal(correlation)
     off_diagonal = torch.eye(correlation.shape[0], dtype=torch.bool, device=correlation.device).logical_not()
-    return (1 - diagonal).pow(2).sum() + lambd * correlation.pow(2)[off_diagonal].sum()
+    on = (1 - diagonal).pow(2).sum()
+    off = correlation.pow(2)[off_diagonal].sum()
+    if reduction == "mean":
+        channels = correlation.shape[0]
+        return on / channels + lambd * off / max(channels * (channels - 1), 1)
+    return on + lambd * off

@@ -30,6 +30,23 @@ from ._checks import (
 REDUCTIONS = ("paper", "anchor")
 
 
+def _pair_masks(row_labels, col_labels, background, negatives):
+    """``(valid, positive)`` bool ``[rows, cols]``: pairs that count, and the positive ones among them.
+
+    ``negatives`` is None (background takes no part) or ``(row_groups, col_groups)``: then a
+    background pixel is also a negative of a foreground pixel of the same group.
+    """
+    row_foreground = (row_labels != background)[:, None]
+    col_foreground = (col_labels != background)[None, :]
+    both = row_foreground & col_foreground
+    positive = both & (row_labels[:, None] == col_labels[None, :])
+    if negatives is None:
+        return both, positive
+    row_groups, col_groups = negatives
+    one_background = (row_foreground ^ col_foreground) & (row_groups[:, None] == col_groups[None, :])
+    return both | one_background, positive
+
+
 def _tile_log_sum_exp(
     rows: torch.Tensor,
     row_labels: torch.Tensor,
@@ -37,6 +54,7 @@ def _tile_log_sum_exp(
     col_labels: torch.Tensor,
     tau: float,
     background: int,
+    negatives=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of one tile: log-sum-exp over positive columns, and over positive-or-negative ones.
 
@@ -44,20 +62,24 @@ def _tile_log_sum_exp(
     that no NaN can appear in backward; callers drop those rows using counts.
     """
     logits = rows @ cols.T / tau
-    valid = (row_labels != background)[:, None] & (col_labels != background)[None, :]
-    positive = valid & (row_labels[:, None] == col_labels[None, :])
+    valid, positive = _pair_masks(row_labels, col_labels, background, negatives)
     floor = torch.finfo(logits.dtype).min
     log_positive = torch.logsumexp(logits.masked_fill(~positive, floor), dim=1)
     log_all = torch.logsumexp(logits.masked_fill(~valid, floor), dim=1)
     return log_positive, log_all
 
 
-def _walk_column_tiles(rows, cols, row_labels, col_labels, tau, background, tile_size):
+def _column_tile(negatives, tile):
+    return None if negatives is None else (negatives[0], negatives[1][tile])
+
+
+def _walk_column_tiles(rows, cols, row_labels, col_labels, tau, background, tile_size, negatives=None):
     """Per row: the log-sum-exps of :func:`_tile_log_sum_exp` over all of ``cols``, merged tile by tile."""
     log_positive = log_all = None
     for start in range(0, cols.shape[0], tile_size):
         tile = slice(start, start + tile_size)
-        tile_positive, tile_all = _tile_log_sum_exp(rows, row_labels, cols[tile], col_labels[tile], tau, background)
+        tile_positive, tile_all = _tile_log_sum_exp(rows, row_labels, cols[tile], col_labels[tile], tau, background,
+                                                    _column_tile(negatives, tile))
         if log_positive is None:
             log_positive, log_all = tile_positive, tile_all
         else:
@@ -79,24 +101,23 @@ class _RowLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, cols, row_labels, col_labels, tau, background, tile_size):
-        log_positive, log_all = _walk_column_tiles(rows, cols, row_labels, col_labels, tau, background, tile_size)
+    def forward(ctx, rows, cols, row_labels, col_labels, tau, background, tile_size, negatives=None):
+        log_positive, log_all = _walk_column_tiles(rows, cols, row_labels, col_labels, tau, background, tile_size,
+                                                   negatives)
         ctx.save_for_backward(rows, cols, row_labels, col_labels, log_positive, log_all)
-        ctx.tau, ctx.background, ctx.tile_size = tau, background, tile_size
+        ctx.tau, ctx.background, ctx.tile_size, ctx.negatives = tau, background, tile_size, negatives
         return log_positive, log_all
 
     @staticmethod
     def backward(ctx, grad_positive, grad_all):
         rows, cols, row_labels, col_labels, log_positive, log_all = ctx.saved_tensors
-        tau, background, tile_size = ctx.tau, ctx.background, ctx.tile_size
+        tau, background, tile_size, negatives = ctx.tau, ctx.background, ctx.tile_size, ctx.negatives
         grad_rows = torch.zeros_like(rows)
         grad_cols = torch.zeros_like(cols)
-        row_valid = (row_labels != background)[:, None]
         for start in range(0, cols.shape[0], tile_size):
             tile = slice(start, start + tile_size)
             logits = rows @ cols[tile].T / tau
-            valid = row_valid & (col_labels[tile] != background)[None, :]
-            positive = valid & (row_labels[:, None] == col_labels[tile][None, :])
+            valid, positive = _pair_masks(row_labels, col_labels[tile], background, _column_tile(negatives, tile))
             weight = torch.zeros_like(logits)
             if grad_positive is not None:
                 weight += torch.where(positive, torch.exp(logits - log_positive[:, None]), 0.0) * grad_positive[:, None]
@@ -105,15 +126,25 @@ class _RowLogSumExp(torch.autograd.Function):
             weight /= tau
             grad_rows += weight @ cols[tile]
             grad_cols[tile] += weight.T @ rows
-        return grad_rows, grad_cols, None, None, None, None, None
+        return grad_rows, grad_cols, None, None, None, None, None, None
 
 
-def _pair_counts(y1: torch.Tensor, y2: torch.Tensor, background: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_counts(y1: torch.Tensor, y2: torch.Tensor, background: int,
+                 negatives=None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of set 1: number of positive partners and of positive-or-negative partners in set 2."""
     foreground2 = y2[y2 != background]
     classes, counts = torch.unique(foreground2, return_counts=True)
     foreground1 = y1 != background
     n_pairs = torch.where(foreground1, foreground2.numel(), 0)
+    if negatives is not None:
+        groups1, groups2 = negatives
+        # A foreground row also pairs with the background of its group, a background row with that group's foreground.
+        names = torch.unique(torch.cat([groups1, groups2]))
+        row_group, col_group = torch.searchsorted(names, groups1), torch.searchsorted(names, groups2)
+        background2 = y2 == background
+        background_of = torch.bincount(col_group[background2], minlength=names.numel())
+        foreground_of = torch.bincount(col_group[~background2], minlength=names.numel())
+        n_pairs = torch.where(foreground1, n_pairs + background_of[row_group], foreground_of[row_group])
     if classes.numel() == 0:
         return torch.zeros_like(n_pairs), n_pairs
     where = torch.searchsorted(classes, y1).clamp_max(classes.numel() - 1)
@@ -131,6 +162,9 @@ def label_contrastive_loss(
     reduction: str = "paper",
     tile_size: int = 4096,
     checkpoint: bool = True,
+    background_negatives: bool = False,
+    groups1: torch.Tensor | None = None,
+    groups2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MixCL label-consistency loss over all cross pairs of two sets of pixel embeddings.
 
@@ -138,7 +172,11 @@ def label_contrastive_loss(
 
     * positive pair: ``y1[i] == y2[k] != background``;
     * negative pair: ``y1[i] != y2[k]``, both ``!= background``;
-    * a pair with a background pixel on either side is left out.
+    * a pair with a background pixel on either side is left out; with
+      ``background_negatives=True`` (ours) a background pixel is a negative of a
+      foreground pixel of the same group (``groups1``/``groups2``, e.g. the source
+      dataset: there background means "none of this dataset's organs", which says
+      nothing about another dataset's organs); two background pixels never pair.
 
     ``reduction="paper"`` (Eq. 6, default), one log over all pairs::
 
@@ -172,6 +210,10 @@ def label_contrastive_loss(
             tile 4096: peak growth 960 MiB at N1 = N2 = 8192 and 1012 MiB at 16384
             (``benchmarks/bench_mixcl.py``), where the dense matrix alone would be
             256 MiB and 1 GiB and grows with N^2.
+        background_negatives: let background pixels be negatives within a group (default False:
+            the paper's rule, background takes no part).  Background pixels are never anchors
+            and never positives.
+        groups1, groups2: ``[N1]``, ``[N2]`` integer group of each pixel (default: one group).
 
     Returns:
         Scalar tensor, float32 (float64 for float64 input); computed with
@@ -192,12 +234,19 @@ def label_contrastive_loss(
         raise ValueError(f"{func}: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     y1 = y1.long()
     y2 = y2.long()
+    negatives = None
+    if background_negatives:
+        negatives = tuple(torch.zeros_like(y) if g is None else g.to(y.device).long().reshape(-1)
+                          for g, y in ((groups1, y1), (groups2, y2)))
+        if negatives[0].shape != y1.shape or negatives[1].shape != y2.shape:
+            raise ValueError(f"{func}: groups1 and groups2 must have one entry per pixel, got "
+                             f"{tuple(negatives[0].shape)} and {tuple(negatives[1].shape)}.")
 
     with torch.autocast(device_type=z1.device.type, enabled=False):
         a = F.normalize(at_least_float32(z1), dim=1)
         b = F.normalize(at_least_float32(z2), dim=1).to(a.dtype)
         zero = (a.sum() + b.sum()) * 0.0
-        n_positive, n_pairs = _pair_counts(y1, y2, background)
+        n_positive, n_pairs = _pair_counts(y1, y2, background, negatives)
         has_positive = n_positive > 0
         if not bool(has_positive.any()):
             return zero
@@ -208,7 +257,8 @@ def label_contrastive_loss(
         for start in range(0, a.shape[0], tile_size):
             rows = slice(start, start + tile_size)
             walk = _RowLogSumExp.apply if recompute else _walk_column_tiles
-            log_positive, log_all = walk(a[rows], b, y1[rows], y2, tau, background, tile_size)
+            row_negatives = None if negatives is None else (negatives[0][rows], negatives[1])
+            log_positive, log_all = walk(a[rows], b, y1[rows], y2, tau, background, tile_size, row_negatives)
             log_positive_rows.append(log_positive)
             log_all_rows.append(log_all)
         log_positive = torch.cat(log_positive_rows)

@@ -7,9 +7,12 @@ conflicts between the losses of different meta labels; a Gradient Filter keeps
 the pixel pairs with the largest loss gradients, guided by the image branch.
 Everything else here is our design (docs/gcl.md lists which is which).
 
-Per sample (``GCLSamples``): a case, a patch of it (elastic + affine, then two
-voxel-aligned intensity views), its meta-label ids (data/meta_labels.py) and
-``pixels_per_patch`` locations on the pixel level's grid.
+Per sample (``GCLSamples``): a case, a crop of it, two views each with its own
+spatial transform (crop offset, rotation, scale, elastic; ``view_geometry``,
+default ``independent``) or one shared transform (``shared``), then intensity
+augmentation; its meta-label ids (data/meta_labels.py) and
+``pixels_per_patch`` pairs of corresponding locations of the two views on the
+pixel level's grid (docs/pretraining.md).
 
 The objective (``GCLObjective``) encodes both views in one batch.  For every
 meta label ``k``::
@@ -38,10 +41,18 @@ from ..config import RunConfig
 from ..data.meta_labels import BUILTIN, MetaLabels
 from ..data.sampling import PatchSampler, crop_or_pad
 from ..data.sources import PretrainSources
-from ..data.views import intensity_view, spatial_augment
+from ..data.views import (
+    VIEW_GEOMETRIES,
+    draw_view_pair,
+    intensity_view,
+    render_view,
+    view_correspondence,
+    view_crop_shape,
+)
 from ..errors import InputError
 from ..losses import gradient_filter_mask, pcgrad, pcgrad_per_sample, supcon_loss
 from ..models.backbones import LEVEL_NAMES
+from .term_gradients import TermGradientLog, encoder_gradient_norms
 
 # Every setting of the method.  The paper's abstract fixes none of the numbers: all values are ours.
 DEFAULTS: Dict[str, Any] = {
@@ -59,8 +70,12 @@ DEFAULTS: Dict[str, Any] = {
     "pixel_weight": 1.0,           # weight of the pixel branch in each L_k
     "same_case_prob": 0.5,         # a sample shares its micro-batch's case with this probability
     "foreground_ratio": 0.67,      # share of patches centred on a labelled voxel
-    "spatial_prob": 0.5,           # elastic and affine deformation of the patch, each
+    "spatial_prob": 0.5,           # elastic and affine deformation of each view, each
     "intensity_prob": 0.2,         # shift, gamma, smoothing, noise of each view, each
+    "view_geometry": "independent",  # "independent": each view its own transform; "shared": one for both
+    "max_shift": 0.25,             # a view's centre moves up to this share of the patch per axis
+    "match_tolerance": 0.5,        # corresponding = source coordinates within this many cells
+    "gradient_log_every": 50,      # term_gradients event every this many steps, and at step 0 (0: step 0 only)
 }
 
 MITIGATORS = ("feature", "param", "off")
@@ -93,6 +108,11 @@ def check_settings(settings: Dict[str, Any], batch_size: int) -> None:
     if not isinstance(dims, (list, tuple)) or len(dims) != 2 or any(int(d) < 1 for d in dims):
         raise InputError(f"image_head_dims must be two widths [hidden, embedding], got {dims!r}",
                          path="--set image_head_dims", fix="write e.g. --set image_head_dims=512,128")
+    if settings["view_geometry"] not in VIEW_GEOMETRIES:
+        raise InputError(f"view_geometry {settings['view_geometry']!r} is not one of {', '.join(VIEW_GEOMETRIES)}",
+                         path="--set view_geometry")
+    if not settings["max_shift"] >= 0 or not settings["match_tolerance"] > 0:
+        raise InputError("max_shift must be >= 0 and match_tolerance > 0", path="--set")
     for name in ("same_case_prob", "foreground_ratio", "spatial_prob", "intensity_prob"):
         if not 0 <= settings[name] <= 1:
             raise InputError(f"{name} must be in [0, 1], got {settings[name]}", path=f"--set {name}")
@@ -205,10 +225,13 @@ def _unique_missing(labels: torch.Tensor) -> torch.Tensor:
 class GCLObjective(nn.Module):
     """``forward(batch)`` -> ``(surrogate loss, logs)``; see the module docstring.
 
-    Batch tensors (B patches): ``view1, view2 [B, 1, *P]`` (voxel-aligned views),
+    Batch tensors (B patches): ``view1, view2 [B, 1, *P]`` (two views of a patch),
     ``meta [B, K]`` int64 meta-label ids (-1 = no value), ``pixels [B, N]`` int64
-    flat indices into the pixel level's grid, ``index [B]`` the sample indices
-    (they seed PCGrad's random projection order, so a resumed run repeats it).
+    flat indices into view 1's pixel-level grid and ``pixels2 [B, N]`` the
+    corresponding cells of view 2 (absent: the same indices, views with one
+    geometry), ``index [B]`` the sample indices (they seed PCGrad's random
+    projection order, so a resumed run repeats it, and time the
+    ``term_gradients`` events).
 
     Args:
         backbone: a backbone with ``encode`` and ``level_channels``.
@@ -217,8 +240,10 @@ class GCLObjective(nn.Module):
         seed: the run's seed.
     """
 
-    def __init__(self, backbone: nn.Module, settings: Dict[str, Any], meta_names: Sequence[str], seed: int = 0):
+    def __init__(self, backbone: nn.Module, settings: Dict[str, Any], meta_names: Sequence[str], seed: int = 0,
+                 gradient_log: TermGradientLog | None = None):
         super().__init__()
+        self.gradient_log = gradient_log
         self.backbone = backbone
         self.settings = dict(settings)
         self.meta_names = list(meta_names)
@@ -271,7 +296,8 @@ class GCLObjective(nn.Module):
         embeddings = self.image_head(bottleneck.mean(dim=tuple(range(2, bottleneck.ndim))))   # [2B, d]
         projected = self.pixel_head(pixel_map).flatten(2)                                    # [2B, c, V]
         pixels = batch["pixels"].long()
-        index = torch.cat([pixels, pixels], dim=0)[:, None, :].expand(-1, projected.shape[1], -1)
+        pixels2 = batch["pixels2"].long() if "pixels2" in batch else pixels
+        index = torch.cat([pixels, pixels2], dim=0)[:, None, :].expand(-1, projected.shape[1], -1)
         picked = torch.gather(projected, 2, index).transpose(1, 2)                           # [2B, N, c]
         f1, f2 = picked[:size], picked[size:]
         with torch.no_grad():
@@ -284,6 +310,7 @@ class GCLObjective(nn.Module):
         losses: List[torch.Tensor] = []
         logs: Dict[str, float] = {}
         kept_sum = 0.0
+        self.branch_totals = {}
         for k, name in enumerate(self.meta_names):
             labels = _unique_missing(meta[:, k])
             image_term = supcon_loss(embeddings, torch.cat([labels, labels]), tau=settings["tau_image"])
@@ -291,7 +318,11 @@ class GCLObjective(nn.Module):
             pixel_term, kept = gcl_pixel_loss(f1, f2, share, weights, settings["tau_pixel"],
                                               settings["keep_fraction"], return_kept=True)
             kept_sum += kept
-            losses.append(settings["image_weight"] * image_term + settings["pixel_weight"] * pixel_term)
+            weighted = {"image": settings["image_weight"] * image_term, "pixel": settings["pixel_weight"] * pixel_term}
+            for branch, term in weighted.items():
+                self.branch_totals[branch] = term if branch not in self.branch_totals else \
+                    self.branch_totals[branch] + term
+            losses.append(weighted["image"] + weighted["pixel"])
             logs[f"img_{name}"] = float(image_term.detach())
             logs[f"pix_{name}"] = float(pixel_term.detach())
         logs["kept_pairs"] = kept_sum / max(len(self.meta_names), 1)
@@ -313,6 +344,11 @@ class GCLObjective(nn.Module):
         """
         shared = self.shared_outputs(batch)
         losses, logs = self.task_losses(shared, batch)
+        if self.gradient_log is not None and self.training:
+            step = self.gradient_log.step_to_measure(batch)
+            if step is not None:
+                self.gradient_log.report(step, encoder_gradient_norms(self.branch_totals, self.encoder_parameters()))
+        self.branch_totals = {}
         total = torch.stack([loss.to(torch.promote_types(loss.dtype, torch.float32)) for loss in losses]).sum()
         mode = self.settings["mitigator"]
         surrogate = total
@@ -412,8 +448,9 @@ class GCLSamples(Dataset):
         self.sampler = PatchSampler([case.prepared for case in sources.cases], self.patch_size,
                                     settings["foreground_ratio"])
         self.datasets = [index for index, cases in enumerate(sources.by_dataset) if cases]
-        factor = level_factor(settings["pixel_level"])
-        self.grid_voxels = int(np.prod([max(p // factor, 1) for p in self.patch_size]))
+        self.factor = level_factor(settings["pixel_level"])
+        self.grid_voxels = int(np.prod([max(p // self.factor, 1) for p in self.patch_size]))
+        self.crop_size = view_crop_shape(self.patch_size, float(settings["max_shift"]))
 
     def __len__(self) -> int:
         return self.length
@@ -436,25 +473,34 @@ class GCLSamples(Dataset):
         case_index = self.case_of(index, rng)
         image = self.sources.cases[case_index].prepared.image
         centre = self.sampler.centre(case_index, rng)
-        start = [min(max(c - p // 2, 0), max(dim - p, 0))
-                 for c, p, dim in zip(centre, self.patch_size, image.shape[1:])]
-        patch = crop_or_pad(image, start, self.patch_size)
-        centre_z = start[2] + self.patch_size[2] // 2       # the patch's own centre, after keeping it inside
-        patch, _ = spatial_augment(patch, None, rng, prob=settings["spatial_prob"])
-        views = [intensity_view(patch, rng, settings["intensity_prob"]) for _ in range(2)]
+        start = [min(max(c - p // 2, 0), max(dim - p, 0)) if dim >= p else c - p // 2
+                 for c, p, dim in zip(centre, self.crop_size, image.shape[1:])]
+        crop = crop_or_pad(image, start, self.crop_size)
+        centre_z = start[2] + self.crop_size[2] // 2       # the crop's own centre, after keeping it inside
+        transforms = draw_view_pair(rng, self.crop_size, self.patch_size, settings["view_geometry"],
+                                    max_shift=float(settings["max_shift"]), spatial_prob=float(settings["spatial_prob"]))
+        views = [intensity_view(render_view(crop, None, t, self.patch_size)[0], rng, settings["intensity_prob"])
+                 for t in transforms]
+        cells1, cells2 = view_correspondence(*transforms, self.patch_size, self.factor, settings["match_tolerance"])
+        if cells1.size == 0:   # no overlap at this level (rare): the views' centres stand in for each other
+            cells1 = cells2 = np.array([self.grid_voxels // 2], dtype=np.int64)
         count = int(settings["pixels_per_patch"])
-        pixels = rng.choice(self.grid_voxels, size=count, replace=count > self.grid_voxels)
+        chosen = rng.choice(cells1.size, size=count, replace=count > cells1.size)
         as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))  # noqa: E731
         return {"view1": as_tensor(views[0]), "view2": as_tensor(views[1]),
                 "meta": as_tensor(self.meta.ids(case_index, centre_z)),
-                "pixels": as_tensor(pixels.astype(np.int64)), "index": torch.tensor(index, dtype=torch.int64)}
+                "pixels": as_tensor(cells1[chosen]), "pixels2": as_tensor(cells2[chosen]),
+                "index": torch.tensor(index, dtype=torch.int64)}
 
 
 def build(config: RunConfig, backbone: nn.Module, sources: PretrainSources, length: int):
     """The pretrain driver's entry point: ``(GCLObjective, GCLSamples)``."""
     settings = method_settings_of(config)
     meta = check(config, sources)
-    objective = GCLObjective(backbone, settings, meta.names, seed=config.train.seed)
+    train = config.train
+    gradient_log = TermGradientLog(int(settings["gradient_log_every"]), length // max(train.max_steps, 1),
+                                   train.batch_size * train.grad_accumulation)
+    objective = GCLObjective(backbone, settings, meta.names, seed=config.train.seed, gradient_log=gradient_log)
     samples = GCLSamples(sources, meta, config.model.patch_size, settings, config.train.seed, length,
                          config.train.batch_size)
     return objective, samples

@@ -370,6 +370,35 @@ def test_samples_are_reproducible_grouped_and_shaped(two_datasets):
     # The first sample of a micro-batch always takes the group's case; the second about half of the time.
     same = sum(int(samples[2 * g]["meta"][1] == samples[2 * g + 1]["meta"][1]) for g in range(40))
     assert 14 <= same <= 36
+    # Each view has its own geometry: the pixel pairs are corresponding cells, mostly at different indices;
+    # with the shared geometry every location is its own partner.
+    assert item["pixels2"].shape == (16,) and (item["pixels"] != item["pixels2"]).float().mean() > 0.5
+    shared = gcl.GCLSamples(sources, meta, PATCH, dict(settings, view_geometry="shared"), seed=3, length=400,
+                            batch_size=2)[5]
+    assert torch.equal(shared["pixels"], shared["pixels2"])
+
+
+def test_pixel_branch_compares_the_corresponding_cells_of_view_2(monkeypatch):
+    """The pixel InfoNCE gets view 1 at ``pixels`` and view 2 at ``pixels2`` (its corresponding cells)."""
+    batch = _batch(CONTRADICTING)
+    generator = torch.Generator().manual_seed(9)
+    batch["pixels2"] = torch.randint(0, 8 * 8 * 4, batch["pixels"].shape, generator=generator)
+    objective = _objective("off")
+    seen = []
+    original = gcl.gcl_pixel_loss
+
+    def spy(f1, f2, *args, **kwargs):
+        seen.append((f1.detach(), f2.detach()))
+        return original(f1, f2, *args, **kwargs)
+
+    monkeypatch.setattr(gcl, "gcl_pixel_loss", spy)
+    shared = objective.shared_outputs(batch)
+    objective.task_losses(shared, batch)
+    projected = objective.pixel_head(dict(zip(objective.shared_levels, shared))[objective.pixel_index]).flatten(2)
+    size = batch["view1"].shape[0]
+    for b in range(size):
+        torch.testing.assert_close(seen[0][0][b], projected[b][:, batch["pixels"][b]].T)
+        torch.testing.assert_close(seen[0][1][b], projected[size + b][:, batch["pixels2"][b]].T)
 
 
 def test_pretrain_gcl_then_finetune_from_it(tmp_path, two_datasets, tiny_dataset):

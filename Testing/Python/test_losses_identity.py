@@ -43,6 +43,16 @@ HAND_CASES = [
         id="l2-identity-matrix",
     ),
     pytest.param(
+        # reduction="mean" on the first matrix C = [[1, 1/sqrt2], [0, 1/sqrt2]] (C = 2 channels):
+        # on-diagonal sum 0.08578644 / 2 + lambd * off-diagonal sum 0.5 / (2 * 1)
+        # = 0.04289322 + 0.0051 * 0.25 = 0.04416822
+        {"lambd": LAMBD, "reduction": "mean"},
+        [[1.0, 0.0], [0.0, 1.0]],
+        [[1.0, 1.0], [0.0, 1.0]],
+        0.04416822,
+        id="l2-mean-hand",
+    ),
+    pytest.param(
         # Batch norm, M = 2: centred columns are +-d and become +-1 after dividing by the
         # (biased) std d.  z1 columns [0, 2] -> [-1, 1], [5, 1] -> [1, -1];
         # z2 columns [1, 3] -> [-1, 1], [1, 0] -> [1, -1].
@@ -275,3 +285,37 @@ def test_distributed_sums_run_over_all_ranks(tmp_path):
             # DDP's mean over ranks then gives exactly the single-process gradient.
             torch.testing.assert_close(result["grad1"] / world_size, a.grad[rows], rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(result["grad2"] / world_size, b.grad[rows], rtol=1e-9, atol=1e-12)
+
+
+def _correlated_columns(rows: int, channels: int, between: float, across_views: float, seed: int = 0):
+    """Two views ``[rows, channels]`` whose columns have (uncentred, L2) correlation about ``between`` with each
+    other and about ``across_views`` with the same column of the other view."""
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(rows, 1, generator=generator, dtype=torch.float64)
+    own = torch.randn(rows, channels, generator=generator, dtype=torch.float64)
+    z1 = math.sqrt(between) * common + math.sqrt(1 - between) * own
+    noise = torch.randn(rows, channels, generator=generator, dtype=torch.float64)
+    z2 = across_views * z1 + math.sqrt(1 - across_views**2) * (math.sqrt(between) * common
+                                                                + math.sqrt(1 - between) * noise)
+    return z1, z2
+
+
+def test_mean_reduction_does_not_grow_with_channels():
+    """At a fixed correlation structure, doubling C leaves the normalised loss in place; the sum grows ~ C^2."""
+    values = {}
+    for channels in (16, 32):
+        z1, z2 = _correlated_columns(40000, channels, between=0.3, across_views=0.8)
+        values[channels] = {reduction: float(identity_loss(z1, z2, lambd=1.0, reduction=reduction))
+                            for reduction in ("mean", "sum")}
+    assert values[32]["mean"] == pytest.approx(values[16]["mean"], rel=0.03)
+    assert values[32]["sum"] > 3.5 * values[16]["sum"]
+
+
+def test_mean_reduction_is_the_sum_divided_per_part():
+    z1, z2 = _correlated_columns(50, 6, between=0.2, across_views=0.5, seed=3)
+    on = float(identity_loss(z1, z2, lambd=0.0))
+    off = float(identity_loss(z1, z2, lambd=1.0)) - on
+    mean = float(identity_loss(z1, z2, lambd=0.7, reduction="mean"))
+    assert mean == pytest.approx(on / 6 + 0.7 * off / 30, rel=1e-12)
+    with pytest.raises(ValueError, match="reduction"):
+        identity_loss(z1, z2, reduction="average")

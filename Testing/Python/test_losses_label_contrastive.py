@@ -229,3 +229,70 @@ def test_bad_arguments_are_rejected(kwargs, error):
     arguments.update(kwargs)
     with pytest.raises(error, match="label_contrastive_loss"):
         label_contrastive_loss(**arguments)
+
+
+def reference_with_background_negatives(z1, y1, g1, z2, y2, g2, tau, reduction):
+    """Loop reference: background (0) is a negative of a foreground pixel of the same group, never an anchor."""
+    a = torch.nn.functional.normalize(z1, dim=1)
+    b = torch.nn.functional.normalize(z2, dim=1)
+    positives, every, per_anchor = [], [], []
+    for i in range(len(y1)):
+        mine_positive, mine_all = [], []
+        for k in range(len(y2)):
+            s = float(a[i] @ b[k]) / tau
+            foreground_i, foreground_k = int(y1[i]) != 0, int(y2[k]) != 0
+            if foreground_i and foreground_k:
+                mine_all.append(s)
+                if int(y1[i]) == int(y2[k]):
+                    mine_positive.append(s)
+            elif (foreground_i or foreground_k) and int(g1[i]) == int(g2[k]):
+                mine_all.append(s)
+        positives += mine_positive
+        every += mine_all
+        if mine_positive:
+            per_anchor.append(math.log(sum(math.exp(v) for v in mine_all))
+                              - math.log(sum(math.exp(v) for v in mine_positive)))
+    if reduction == "paper":
+        return math.log(sum(math.exp(v) for v in every)) - math.log(sum(math.exp(v) for v in positives))
+    return sum(per_anchor) / len(per_anchor)
+
+
+# One organ in both sets: without background negatives every pair is positive and the loss is exactly 0.
+# a1 = [1, 0] (organ 1, group 0), a2 = [0, 1] (background, group 0); b1 = [1, 0] (organ 1, group 0),
+# b2 = [0, 1] (background, group 0), b3 = [-1, 0] (background, group 1).  tau = 0.5, s = 2 cos.
+# Pairs with background negatives: (a1,b1) positive e^2, (a1,b2) negative e^0, (a2,b1) negative e^0;
+# (a1,b3) is another group's background: left out.  paper: -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2) = 0.2395879
+SINGLE_Z1 = [[1.0, 0.0], [0.0, 1.0]]
+SINGLE_Z2 = [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]
+
+
+def test_one_organ_has_a_gradient_only_with_background_negatives():
+    z1 = torch.tensor(SINGLE_Z1, dtype=torch.float64, requires_grad=True)
+    z2 = torch.tensor(SINGLE_Z2, dtype=torch.float64)
+    y1, y2 = torch.tensor([1, 0]), torch.tensor([1, 0, 0])
+    g1, g2 = torch.tensor([0, 0]), torch.tensor([0, 0, 1])
+    assert label_contrastive_loss(z1, y1, z2, y2, tau=0.5).item() == 0.0
+    loss = label_contrastive_loss(z1, y1, z2, y2, tau=0.5, background_negatives=True, groups1=g1, groups2=g2)
+    assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-12)
+    loss.backward()
+    assert z1.grad.abs().sum() > 0
+    # Another dataset's background is not a negative: with b2 moved to group 1 only (a2, b1) is left.
+    other = label_contrastive_loss(z1.detach(), y1, z2, y2, tau=0.5, background_negatives=True, groups1=g1,
+                                   groups2=torch.tensor([0, 1, 1]))
+    assert other.item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["paper", "anchor"])
+@pytest.mark.parametrize("tile_size", [2, 4096])
+def test_background_negatives_match_loop_reference_and_gradcheck(reduction, tile_size):
+    z1, y1, z2, y2 = random_sets(11, n1=9, n2=8, channels=3, classes=3)
+    generator = torch.Generator().manual_seed(4)
+    g1, g2 = torch.randint(0, 2, (9,), generator=generator), torch.randint(0, 2, (8,), generator=generator)
+    loss = label_contrastive_loss(z1, y1, z2, y2, tau=0.3, reduction=reduction, tile_size=tile_size,
+                                  background_negatives=True, groups1=g1, groups2=g2)
+    expected = reference_with_background_negatives(z1, y1, g1, z2, y2, g2, 0.3, reduction)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda p, q: label_contrastive_loss(p, y1, q, y2, tau=0.3, reduction=reduction, tile_size=tile_size,
+                                            background_negatives=True, groups1=g1, groups2=g2), (a, b))

@@ -91,7 +91,7 @@ def test_sampled_voxels_are_on_the_coarse_grid_and_padded():
     label = np.zeros((8, 8, 4), dtype=np.uint8)
     label[0:4, 0:4, 0:2] = 3        # on the 2x coarser grid: a 2x2x1 block (4 voxels) of class 3
     label[6, 6, 2] = 5               # (3, 3, 1) on the coarse grid: one voxel of class 5
-    settings = dict(mixcl.DEFAULTS, samples_per_class=3)
+    settings = dict(mixcl.DEFAULTS, samples_per_class=3, background_negatives=False)
     indices, values = mixcl.sampled_voxels(label, 2, 8, settings, np.random.default_rng(0))
     assert indices.shape == values.shape == (8,)
     coarse = label[::2, ::2, ::2]
@@ -99,6 +99,11 @@ def test_sampled_voxels_are_on_the_coarse_grid_and_padded():
     assert sorted(values[kept].tolist()) == [3, 3, 3, 5]          # r = 3 of class 3, the single voxel of 5
     assert (coarse.reshape(-1)[indices[kept]] == values[kept]).all()  # each index holds its label
     assert (values[~kept] == -1).all() and (indices[~kept] == 0).all()
+    # With background as a negative, r background voxels are drawn too, uniformly.
+    settings["background_negatives"] = True
+    indices, values = mixcl.sampled_voxels(label, 2, 12, settings, np.random.default_rng(0))
+    assert sorted(values[values >= 0].tolist()) == [0, 0, 0, 3, 3, 3, 5]
+    assert (coarse.reshape(-1)[indices[values == 0]] == 0).all()
 
 
 def test_auxiliary_patch_comes_from_the_same_dataset_half_of_the_time_the_same_case(mixed_datasets):
@@ -122,9 +127,17 @@ def test_samples_are_reproducible_and_shaped(mixed_datasets):
         torch.testing.assert_close(a[key], b[key])
     assert not torch.equal(a["views"], c["views"])
     assert a["views"].shape == a["patches"].shape == (3, 1, 32, 32, 16)
-    assert a["index1"].shape == a["label1"].shape == (16 * 3,)
-    # Views 1 and 1' come from one deformed patch: same reconstruction target.
-    torch.testing.assert_close(a["patches"][0], a["patches"][1])
+    assert a["index1"].shape == a["label1"].shape == (16 * 4,)          # 3 organs + background
+    assert a["pairs"].shape == (len(mixcl.LEVEL_NAMES), 2, mixcl.DEFAULTS["identity_pixels"])
+    # Independent geometry: V1 and V1' are different resamplings of one crop, and their cells pair up.
+    assert not torch.equal(a["patches"][0], a["patches"][1])
+    assert (a["pairs"][0, 0] >= 0).sum() > 100
+    # The paper's shared geometry: one deformed patch, the same reconstruction target, every cell its own pair.
+    shared = mixcl.MixCLSamples(sources, (32, 32, 16), dict(mixcl.DEFAULTS, samples_per_class=16, identity_pixels=4096,
+                                                            view_geometry="shared"), seed=7, length=10)[4]
+    torch.testing.assert_close(shared["patches"][0], shared["patches"][1])
+    enc2 = shared["pairs"][1]
+    assert (enc2[0] >= 0).sum() == 16 * 16 * 8 and torch.equal(enc2[0], enc2[1])
 
 
 def _tiny_objective(**settings):
@@ -144,8 +157,13 @@ def _batch(objective, seed=0):
             "label2": torch.tensor([[1, 2, 2, 0, -1, -1], [3, 3, 1, 1, 2, -1]])}
 
 
+PAPER = {"identity_reduction": "sum", "lambd": 0.0051, "skip_thin_levels": False, "background_negatives": False,
+         "view_geometry": "shared"}
+
+
 def test_objective_equals_the_sum_of_its_terms_computed_directly():
-    objective = _tiny_objective(alpha=0.3, beta=0.7)
+    """The paper's composition (levels summed, one geometry): kept as an option, term for term."""
+    objective = _tiny_objective(alpha=0.3, beta=0.7, **PAPER)
     batch = _batch(objective)
     loss, logs = objective(batch)
 
@@ -189,7 +207,11 @@ def test_objective_gradients_reach_encoder_projectors_and_reconstruction_head():
     encoder_first = objective.backbone.net.conv_0.conv_0.conv.weight
     assert encoder_first.grad is not None and encoder_first.grad.abs().sum() > 0
     for name, head in objective.projectors.items():
-        assert head[0].weight.grad.abs().sum() > 0, name
+        assert head[0].weight.grad is not None, name   # DDP needs a gradient for every trainable tensor
+        if name in ("bottleneck",):   # 2 x 2 x 1 cells x 2 samples = 8 pixels < 64 channels: sits out
+            assert head[0].weight.grad.abs().sum() == 0
+        else:
+            assert head[0].weight.grad.abs().sum() > 0, name
     assert objective.reconstruction.weight.grad.abs().sum() > 0
 
 
@@ -224,10 +246,15 @@ def test_pretrain_on_mixed_label_sets_then_finetune_from_it(tmp_path, mixed_data
     assert any(key.startswith("projectors.") for key in state["extra"])
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert config["method"]["name"] == "mixcl" and config["method"]["samples_per_class"] == 32
-    assert config["method"]["alpha"] == 0.01 and config["train"]["batch_size"] == 2
+    assert config["method"]["alpha"] == mixcl.DEFAULTS["alpha"] and config["train"]["batch_size"] == 2
     events = read_events(str(run / "events.jsonl"))
     steps = [e for e in events if e["event"] == "step"]
-    assert {"identity", "label", "recon", "id_enc2"} <= set(steps[-1]["losses"])
+    assert {"identity", "label", "recon", "id_enc2", "label_active"} <= set(steps[-1]["losses"])
+    gradients = [e for e in events if e["event"] == "term_gradients"]
+    assert gradients[0]["step"] == 0 and set(gradients[0]["norms"]) == {"identity", "label", "recon"}
+    assert all(value >= 0 for value in gradients[0]["norms"].values())
+    share = [e for e in events if e["event"] == "label_gradients"]
+    assert len(share) == 1 and share[0]["batches"] == 3 and 0 <= share[0]["share"] <= 1
     assert all(np.isfinite(e["loss"]) for e in steps)
     messages = " ".join(e["text"] for e in events if e["event"] == "message")
     assert "organs_b" in messages and "liver, stomach" in messages
@@ -291,3 +318,77 @@ def test_pretraining_leaves_the_class_head_untouched(tmp_path, mixed_datasets):
         torch.testing.assert_close(state["model"][key], fresh[key])
     assert not torch.equal(state["model"]["net.down_1.convs.conv_0.conv.weight"],
                            fresh["net.down_1.convs.conv_0.conv.weight"])
+
+
+def test_identity_loss_compares_the_corresponding_cells_of_the_two_views():
+    """Hand-made maps: pairs (view-1 cell, view-2 cell) pick exactly those rows, padding (-1) is dropped."""
+    generator = torch.Generator().manual_seed(0)
+    z1 = torch.randn(2, 3, 2, 2, 1, generator=generator, dtype=torch.float64)   # B = 2, C = 3, 4 cells
+    z2 = torch.randn(2, 3, 2, 2, 1, generator=generator, dtype=torch.float64)
+    pairs = torch.tensor([[[0, 3, 2, -1], [1, 0, 3, -1]],
+                          [[1, 2, -1, -1], [2, 2, -1, -1]]])                    # [B, 2, K]
+    rows1, rows2 = mixcl.corresponding_rows(z1, z2, pairs)
+    expected1 = torch.stack([z1[0, :, 0, 0, 0], z1[0, :, 1, 1, 0], z1[0, :, 1, 0, 0],
+                             z1[1, :, 0, 1, 0], z1[1, :, 1, 0, 0]])
+    expected2 = torch.stack([z2[0, :, 0, 1, 0], z2[0, :, 0, 0, 0], z2[0, :, 1, 1, 0],
+                             z2[1, :, 1, 0, 0], z2[1, :, 1, 0, 0]])
+    torch.testing.assert_close(rows1, expected1)
+    torch.testing.assert_close(rows2, expected2)
+    # The loss on them, by hand: C_ij = sum_m a_mi b_mj / (|a_i| |b_j|), mean on and off the diagonal.
+    a, b = expected1, expected2
+    correlation = (a.T @ b) / (a.norm(dim=0)[:, None] * b.norm(dim=0)[None, :])
+    on = sum((1 - correlation[i, i]) ** 2 for i in range(3)) / 3
+    off = sum(correlation[i, j] ** 2 for i in range(3) for j in range(3) if i != j) / 6
+    loss = identity_loss(rows1, rows2, lambd=0.5, reduction="mean")
+    assert float(loss) == pytest.approx(float(on + 0.5 * off), rel=1e-12)
+    # Without pairs (one geometry) every cell pairs with itself.
+    same1, same2 = mixcl.corresponding_rows(z1, z2, None)
+    torch.testing.assert_close(same1, flatten_feature_map(z1))
+    torch.testing.assert_close(same2, flatten_feature_map(z2))
+
+
+def test_pair_sampler_shows_two_organs_when_the_cases_have_them(mixed_datasets):
+    """organs_a labels liver and spleen: the pair shows both (one of them in both patches)."""
+    sources = _sources(mixed_datasets)
+    shares = {}
+    for attempts in (1, 8):
+        settings = dict(mixcl.DEFAULTS, samples_per_class=8, pair_attempts=attempts)
+        samples = mixcl.MixCLSamples(sources, (32, 32, 16), settings, seed=1, length=40)
+        good = []
+        for index in range(24):
+            rng = np.random.default_rng([1, index])
+            _, first, second = samples.choose_cases(rng)
+            _, _, (label1, label2) = samples.draw_pair(first, second, rng)
+            available = samples.case_organs[first] | samples.case_organs[second]
+            assert len(available) >= 2
+            shown1, shown2 = mixcl.organs(label1), mixcl.organs(label2)
+            good.append(bool(shown1 & shown2) and len(shown1 | shown2) >= 2)
+        shares[attempts] = np.mean(good)
+    assert shares[8] >= 0.9 and shares[8] > shares[1], shares
+    assert mixcl.pair_shows_two_organs({1}, {1, 2}, {1, 2}) and not mixcl.pair_shows_two_organs({1}, {1}, {1, 2})
+    assert mixcl.pair_shows_two_organs({1}, {1}, {1}) and not mixcl.pair_shows_two_organs({1}, {2}, {1, 2})
+
+
+def test_term_gradient_norms_timing_and_warning():
+    from ContrastiveSegLib.methods.term_gradients import TermGradientLog, encoder_gradient_norms, unbalanced_terms
+
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    other = torch.nn.Parameter(torch.tensor([1.0]))
+    terms = {"big": (weight ** 2).sum() * 10, "small": weight.sum() * 0.01, "elsewhere": other.sum()}
+    norms = encoder_gradient_norms(terms, [weight])
+    assert norms["big"] == pytest.approx(10 * 2 * 5.0) and norms["small"] == pytest.approx(0.01 * 2 ** 0.5)
+    assert norms["elsewhere"] == 0.0                     # does not reach the measured parameters
+    message = unbalanced_terms({"identity": 500.0, "label": 2.0, "recon": 3.0})
+    assert "identity" in message and "label" in message and "250x" in message
+    assert unbalanced_terms({"identity": 50.0, "label": 1.0}) is None
+
+    # 2 processes x batch 2 x 2 micro-batches: 8 samples a step, 4 per process.
+    log = TermGradientLog(every=3, samples_per_step=8, samples_per_rank_step=4)
+    first = {0: 0, 4: 0, 2: None, 8: None, 24: 3, 28: 3, 26: None}
+    for index, step in first.items():
+        assert log.step_to_measure({"index": torch.tensor([index, index + 1])}) == step, index
+    with pytest.warns(UserWarning, match="identity"):
+        log.report(0, {"identity": 500.0, "label": 2.0})
+    log.count_label_gradient(True)
+    log.count_label_gradient(False)
+    assert log.label_gradient_share() == 0.5
