@@ -118,7 +118,7 @@ def mirroring(config: RunConfig, targets: Sequence[str]) -> dict:
 
 def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,
                               prepared_val: Sequence[PreparedCase], prepared_train: Sequence[PreparedCase],
-                              targets: Sequence[str], events: EventLog) -> Optional[Dict]:
+                              targets: Sequence[str]) -> Optional[Dict]:
     """Decide the largest-component rule on the cases ``config.postprocess.choose_on`` names; save it in the run.
 
     ``"validation"`` uses the final validation's predictions; ``"training"`` predicts the training cases
@@ -131,7 +131,6 @@ def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch
         return None
     if choose_on == "validation":
         if validate is None or not validate.predictions:
-            events.message("no validation predictions: no post-processing chosen")
             return None
         predictions = [validate.predictions[case.case_id] for case in prepared_val]
         cases = prepared_val
@@ -145,9 +144,9 @@ def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch
         raise ValueError(f"unknown postprocess.choose_on {choose_on!r}: 'validation', 'training' or 'off'")
     names = {index: name for index, name in enumerate(targets, start=1)}
     decision = choose_postprocessing(predictions, [case.label[0] for case in cases], names, chosen_on=choose_on)
+    # Written after the trainer's "finished" event, which stays the run's last event: the decision is
+    # this file, which predict reads.
     write_json_atomic(os.path.join(run.root, POSTPROCESS_FILE), decision)
-    events.message("largest connected component kept for: " + (", ".join(decision["largest_component"]) or "none")
-                   + f" (chosen on {len(cases)} {choose_on} case(s))")
     return decision
 
 
@@ -224,7 +223,7 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
                       labels=labels, validate=validate)
     summary = trainer.fit(resume=resume)
     if context.is_main and not summary["stopped"]:
-        choose_run_postprocessing(config, run, backbone, validate, prepared_val, prepared_train, targets, events)
+        choose_run_postprocessing(config, run, backbone, validate, prepared_val, prepared_train, targets)
     summary["run_dir"] = run.root
     return summary
 

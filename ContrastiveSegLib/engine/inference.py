@@ -65,8 +65,11 @@ def run_postprocessing(model_path: str, checkpoint_path: str) -> Optional[Dict]:
     """The post-processing decision of the run a model comes from (its folder's postprocess.json), or None."""
     from .postprocess import load_postprocessing
 
-    run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.dirname(checkpoint_path))
-    return load_postprocessing(run_dir) if os.path.isdir(run_dir) else None
+    if os.path.isdir(model_path):
+        return load_postprocessing(model_path)
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    # A checkpoint file inside a run folder (RUN/checkpoints/*.pt) carries the run's decision with it.
+    return load_postprocessing(os.path.dirname(folder)) if os.path.basename(folder) == "checkpoints" else None
 
 
 def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
