@@ -144,6 +144,19 @@ def summarise(results: list) -> dict:
     return summary
 
 
+def markdown_table(summary: dict) -> str:
+    """The summary as a Markdown table: Dice mean +- sd over seeds per organ, the mean, the worst organ."""
+    organs = list(next(iter(summary.values()))["dice"])
+    lines = ["| recipe, row | " + " | ".join(organs) + " | mean | worst organ | train s | predict s |",
+             "|---" * (len(organs) + 5) + "|"]
+    for key, entry in summary.items():
+        cells = [f"{entry['dice'][o][0]:.3f} +- {entry['dice'][o][1]:.3f}" for o in organs]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | **{entry['mean_dice'][0]:.3f}** +- "
+                     f"{entry['mean_dice'][1]:.3f} | {entry['min_organ']:.3f} | {entry['train_seconds']:.0f} | "
+                     f"{entry['predict_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(summary: dict, path: str) -> None:
     import matplotlib
 
@@ -178,9 +191,14 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=1, help="seeds trained at the same time (default: 1)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per training process (0: torch's default; 1 is faster on a busy CPU)")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="print a RESULTS.json's summary as Markdown and stop")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = os.path.abspath(args.out)
+    if args.table:
+        with open(args.table, encoding="utf-8") as handle:
+            print(markdown_table(json.load(handle)["summary"]))
+        return 0
     if args.one:
         variant, seed = args.one[0], int(args.one[1])
         folder = os.path.join(out, f"{variant}-seed{seed}")

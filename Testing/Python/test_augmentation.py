@@ -119,3 +119,30 @@ def test_finetune_refuses_to_mirror_an_unpaired_lateral_organ():
     assert mirroring(config, ["kidney_left", "kidney_right"])["swap"].tolist() == [0, 2, 1]
     config.train.mirror_axes = (2,)
     assert mirroring(config, ["adrenal_gland_left"])["swap"] is None
+
+
+def test_a_stopped_and_resumed_run_with_spatial_augmentation_ends_with_the_same_weights(tmp_path, tiny_dataset):
+    import torch
+    from conftest import tiny_config
+
+    from ContrastiveSegLib.engine.checkpoint import load_checkpoint
+    from ContrastiveSegLib.finetune import run_finetune
+
+    def config():
+        made = tiny_config([tiny_dataset], ["liver", "spleen"], max_steps=4)
+        made.train.augmentation, made.train.mirror_axes = "spatial", (1, 2)
+        return made
+
+    run_finetune(config(), str(tmp_path / "straight"), progress=False)
+    stopped = tmp_path / "stopped"
+
+    def stop_at_two(event):
+        if event["event"] == "step" and event["step"] == 2:
+            (stopped / "STOP").write_text("")
+
+    assert run_finetune(config(), str(stopped), listeners=[stop_at_two], progress=False)["step"] == 2
+    assert run_finetune(config(), str(stopped), resume=True, progress=False)["step"] == 4
+    straight = load_checkpoint(str(tmp_path / "straight" / "checkpoints" / "last.pt"))["model"]
+    resumed = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))["model"]
+    for key in straight:
+        torch.testing.assert_close(straight[key], resumed[key], rtol=1e-5, atol=1e-6, msg=key)
