@@ -32,7 +32,7 @@ def test_the_demo_uses_the_few_label_recipe_and_decides_nothing_on_patient_b():
     from ContrastiveSegLib.demo import demo_config, sample_paths
 
     config = demo_config(quick=True, device="cpu")
-    assert config.preprocess.intensity == "ct_zscore" and config.train.augmentation == "spatial"
+    assert config.preprocess.intensity == "ct_zscore"
     # Patient B is the only validation dataset, so the post-processing rule must come from patient A.
     assert config.data.val_datasets == [sample_paths()["heldout_dataset"]]
     assert config.postprocess.choose_on == "training"
