@@ -141,7 +141,7 @@ def run_nnunet_comparison(out: str, budget_s: float, venv: str = "") -> dict:
     raw, preprocessed, results = (os.path.join(work, n) for n in ("raw", "preprocessed", "results"))
     _, test_folder = write_raw_dataset(raw)
     env = dict(os.environ, nnUNet_raw=raw, nnUNet_preprocessed=preprocessed, nnUNet_results=results,
-               nnUNet_n_proc_DA="0", nnUNet_compile="false", WALLCLOCK_BUDGET_S=str(budget_s))
+               nnUNet_n_proc_DA="1", nnUNet_compile="false", WALLCLOCK_BUDGET_S=str(budget_s))
     bin_dir = os.path.join(venv, "bin")
     if not stage("plan_and_preprocess", [os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d",
                                          str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
