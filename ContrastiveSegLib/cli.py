@@ -44,8 +44,10 @@ def _add_common_training_arguments(parser: argparse.ArgumentParser, default_step
     parser.add_argument("--patch", default="96", help="training patch in voxels, multiples of 16: 96 or 96,96,64 (default: 96)")
     parser.add_argument("--spacing", default="1.5,1.5,2.0", metavar="SX,SY,SZ",
                         help="voxel spacing in mm the volumes are resampled to (default: 1.5,1.5,2.0)")
-    parser.add_argument("--intensity", choices=["ct_window", "percentile"], default="ct_window",
-                        help="ct_window: clip to --window HU and scale to [0,1]; percentile: 0.5-99.5 %% (MR)")
+    parser.add_argument("--intensity", choices=["ct_window", "ct_zscore", "percentile"], default="ct_window",
+                        help="ct_window: clip to --window HU and scale to [0,1]; ct_zscore: clip to the 0.5-99.5 %% "
+                             "of the training cases' labelled HU and z-score (nnU-Net's CT scheme, statistics saved "
+                             "in the run); percentile: 0.5-99.5 %% per image (MR) (default: ct_window)")
     parser.add_argument("--window", default="-150,250", metavar="LOW,HIGH", help="CT window in HU (default: -150,250)")
     parser.add_argument("--max-steps", type=int, default=default_steps, help=f"{steps_help} (default: {default_steps})")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step and GPU (default: 2)")
@@ -63,6 +65,20 @@ def _add_common_training_arguments(parser: argparse.ArgumentParser, default_step
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     parser.add_argument("--events-stdout", action="store_true",
                         help="also print every event as one JSON line on stdout (progress bar on stderr)")
+
+
+def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Augmentation and post-processing of supervised training (docs/few-label-accuracy.md)."""
+    parser.add_argument("--augmentation", choices=["intensity", "spatial"], default="intensity",
+                        help="intensity: intensity scale, shift and noise only; spatial: also rotation, zoom, "
+                             "elastic deformation, blur, contrast, gamma and low resolution (default: intensity)")
+    parser.add_argument("--mirror-axes", default="", metavar="AXES",
+                        help="axes of the RAS grid to mirror patches along in training, e.g. 1,2 (0 = left-right: "
+                             "only if every left/right organ's partner is a target; pairs are swapped); "
+                             "predict --tta flips exactly these (default: none)")
+    parser.add_argument("--postprocess-on", choices=["validation", "training", "off"], default="validation",
+                        help="cases that decide, per organ, whether keeping only its largest connected component "
+                             "helps; predict applies the decision (default: validation)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--fold", type=int, default=0, help="which fold validates (0-based)")
     finetune.add_argument("--init", default=None, metavar="CKPT", help="initialise the encoder from this checkpoint")
     _add_common_training_arguments(finetune, default_steps=2000)
+    _add_supervised_recipe_arguments(finetune)
 
     pretrain = commands.add_parser("pretrain", help="contrastive pre-training on labelled datasets (MixCL or GCL)",
                                    description="Pre-train the network's encoder with MixCL or GCL on one or more "
@@ -154,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="labelmap to write: .nii.gz, .nrrd or .seg.nrrd (named, coloured segments)")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     predict.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
-    predict.add_argument("--tta", action="store_true", help="average over flipped copies (8x slower)")
+    predict.add_argument("--tta", action="store_true",
+                         help="average over copies flipped along the axes the run trained mirrored (left/right "
+                              "organs swapped); 2^axes times slower, no change for runs trained without mirroring")
     predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default: best)")
     predict.add_argument("--events-stdout", action="store_true",
                          help="print progress events as JSON lines on stdout (start, step 1-3, finished)")
@@ -260,6 +279,7 @@ def _training_config(args: argparse.Namespace, command: str):
         if args.folds and not 0 <= args.fold < args.folds:
             raise InputError(f"fold {args.fold} does not exist with --folds {args.folds}", path="--fold")
         config.init_checkpoint = args.init
+        _supervised_recipe(config, args)
     elif command == "pretrain":
         from .pretrain import method_settings
 
@@ -285,6 +305,20 @@ def _training_config(args: argparse.Namespace, command: str):
                                            contrastive_weight=args.contrastive_weight,
                                            agreement_threshold=args.agreement_threshold)
     return config
+
+
+def _supervised_recipe(config, args: argparse.Namespace) -> None:
+    """Copy the augmentation and post-processing flags into ``config``."""
+    config.train.augmentation = args.augmentation
+    try:
+        axes = tuple(sorted({int(a) for a in args.mirror_axes.split(",") if a.strip()}))
+    except ValueError:
+        axes = (-1,)
+    if any(a not in (0, 1, 2) for a in axes):
+        raise InputError(f"{args.mirror_axes!r} is not a list of axes 0, 1, 2", path="--mirror-axes",
+                         fix="write e.g. --mirror-axes 1,2")
+    config.train.mirror_axes = axes
+    config.postprocess.choose_on = args.postprocess_on
 
 
 def _cmd_finetune(args) -> int:

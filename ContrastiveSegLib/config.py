@@ -50,9 +50,20 @@ class PreprocessConfig:
 
     spacing: Tuple[float, float, float] = (1.5, 1.5, 2.0)   # mm, in RAS axis order (x, y, z)
     orientation: str = "RAS"
-    intensity: str = "ct_window"       # "ct_window" (clip + scale) or "percentile" (MR)
+    # "ct_window" (clip to `window` HU, scale to [0, 1]), "ct_zscore" (clip to `zscore_percentiles` of the
+    # training cases' foreground HU, z-score with their mean / std: nnU-Net's CT scheme) or "percentile" (MR).
+    # Configs saved before ct_zscore existed say "ct_window" explicitly, so they keep predicting as before.
+    intensity: str = "ct_window"
     window: Tuple[float, float] = (-150.0, 250.0)             # HU mapped to [0, 1]
     percentiles: Tuple[float, float] = (0.5, 99.5)            # for intensity = "percentile"
+    zscore_percentiles: Tuple[float, float] = (0.5, 99.5)     # for intensity = "ct_zscore"
+    # ct_zscore: {"clip_low", "clip_high", "mean", "std", "voxels"} in HU, computed once per run from the
+    # training cases (data.preprocess.intensity_statistics) and reused by predict and validation.
+    intensity_stats: Optional[Dict[str, float]] = None
+
+    def is_ct(self) -> bool:
+        """True when the network's input was CT in HU (so HU rules such as the body mask apply)."""
+        return self.intensity in ("ct_window", "ct_zscore")
 
 
 @dataclass
@@ -72,6 +83,14 @@ class TrainConfig:
     num_workers: int = 2
     foreground_ratio: float = 0.67       # share of patches centred on a labelled voxel
     sw_overlap: float = 0.25             # sliding-window overlap for validation
+    # Supervised augmentation (data/views.py): "intensity" = intensity scale, shift and noise only (runs
+    # before the few-label recipe); "spatial" = nnU-Net-like rotation, scaling, elastic, gamma, contrast,
+    # blur and low-resolution simulation.
+    augmentation: str = "intensity"
+    # Axes of the preprocessing grid (0, 1, 2 = x, y, z) patches are mirrored along in training, each with
+    # p = 0.5; the left-right axis only when the targets' left/right pairs can be swapped
+    # (data.views.lateral_swap).  predict --tta flips exactly these axes.
+    mirror_axes: Tuple[int, ...] = ()
 
 
 @dataclass
@@ -90,6 +109,15 @@ class DataConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """Which cases decide the per-organ largest-connected-component rule (engine/postprocess.py)."""
+
+    # "validation": the validation cases; "training": the training cases (when the only validation
+    # case is also the one scored, as in the demo); "off": never keep only the largest component.
+    choose_on: str = "validation"
+
+
+@dataclass
 class RunConfig:
     """Everything ``RUN/config.json`` stores."""
 
@@ -98,6 +126,7 @@ class RunConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     device: str = "auto"
     init_checkpoint: Optional[str] = None
     method: Dict[str, Any] = field(default_factory=dict)  # method-specific settings (pre-training)
@@ -122,6 +151,7 @@ class RunConfig:
             preprocess=build(PreprocessConfig, data.get("preprocess", {})),
             train=build(TrainConfig, data.get("train", {})),
             data=build(DataConfig, data.get("data", {})),
+            postprocess=build(PostprocessConfig, data.get("postprocess", {})),
             device=data.get("device", "auto"),
             init_checkpoint=data.get("init_checkpoint"),
             method=dict(data.get("method", {})),

@@ -52,9 +52,22 @@ def split_cases(config: RunConfig, cases: Sequence[Case], val_cases: Sequence[Ca
     return [by_id[c] for c in train_ids], list(val_cases) + [by_id[c] for c in val_ids]
 
 
+def predict_prepared(backbone: torch.nn.Module, case: PreparedCase, patch_size: Sequence[int],
+                     overlap: float) -> np.ndarray:
+    """Arg-max classes ``[X, Y, Z]`` uint8 of a prepared case, background outside its body (as ``predict`` does)."""
+    from .data.preprocess import mask_outside_prepared_body
+
+    probabilities = sliding_window_probabilities(backbone, torch.from_numpy(case.image), patch_size, overlap=overlap)
+    return mask_outside_prepared_body(probabilities.argmax(0).cpu().numpy().astype(np.uint8), case)
+
+
 def make_validator(cases: Sequence[PreparedCase], targets: Sequence[str], patch_size: Sequence[int],
                    overlap: float) -> Callable:
-    """Per-organ Dice on the preprocessing grid of every validation case; the mean over cases."""
+    """Per-organ Dice on the preprocessing grid of every validation case; the mean over cases.
+
+    The predictions of the latest validation are kept in ``validate.predictions`` ({case_id: [X, Y, Z]}),
+    for the post-processing choice at the end of training.
+    """
     from .engine.metrics import dice_per_label, mean_dice
 
     names = {index: name for index, name in enumerate(targets, start=1)}
@@ -62,9 +75,8 @@ def make_validator(cases: Sequence[PreparedCase], targets: Sequence[str], patch_
     def validate(backbone: torch.nn.Module, step: int) -> Dict:
         per_case: Dict[str, Dict] = {}
         for case in cases:
-            probabilities = sliding_window_probabilities(backbone, torch.from_numpy(case.image), patch_size,
-                                                         overlap=overlap)
-            prediction = probabilities.argmax(0).cpu().numpy().astype(np.uint8)
+            prediction = predict_prepared(backbone, case, patch_size, overlap)
+            validate.predictions[case.case_id] = prediction
             per_case[case.case_id] = dice_per_label(prediction, case.label[0], names)
         dice: Dict[str, Optional[float]] = {}
         for name in targets:
@@ -72,7 +84,70 @@ def make_validator(cases: Sequence[PreparedCase], targets: Sequence[str], patch_
             dice[name] = float(np.mean(values)) if values else None
         return {"dice": dice, "mean_dice": mean_dice(dice), "cases": per_case}
 
+    validate.predictions = {}
     return validate
+
+
+def prepare_intensity_statistics(config: RunConfig, train_cases: Sequence[Case], targets: Sequence[str]) -> None:
+    """For ``ct_zscore``: compute the training cases' foreground HU statistics once and keep them in ``config``.
+
+    A resumed run already has them in its saved config and keeps those.
+    """
+    from .data.preprocess import intensity_statistics
+
+    preprocess = config.preprocess
+    if preprocess.intensity == "ct_zscore" and not preprocess.intensity_stats:
+        preprocess.intensity_stats = intensity_statistics(train_cases, targets,
+                                                          percentiles=preprocess.zscore_percentiles,
+                                                          seed=config.train.seed)
+
+
+def mirroring(config: RunConfig, targets: Sequence[str]) -> dict:
+    """``SupervisedPatches`` arguments for the run's mirror axes (an InputError if a left/right pair would break)."""
+    from .data.views import check_mirror_axes, lateral_swap, left_right_axis
+
+    axes = tuple(config.train.mirror_axes)
+    try:
+        check_mirror_axes(axes, targets, config.preprocess.orientation)
+    except ValueError as error:
+        raise InputError(str(error), path="--mirror-axes", fix="leave out the left-right axis (0)") from None
+    lateral = left_right_axis(config.preprocess.orientation)
+    return {"augmentation": config.train.augmentation, "mirror_axes": axes,
+            "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral}
+
+
+def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,
+                              prepared_val: Sequence[PreparedCase], prepared_train: Sequence[PreparedCase],
+                              targets: Sequence[str]) -> Optional[Dict]:
+    """Decide the largest-component rule on the cases ``config.postprocess.choose_on`` names; save it in the run.
+
+    ``"validation"`` uses the final validation's predictions; ``"training"`` predicts the training cases
+    (for runs whose only validation case is also the one scored, like the demo's).
+    """
+    from .engine.postprocess import POSTPROCESS_FILE, choose_postprocessing
+
+    choose_on = config.postprocess.choose_on
+    if choose_on == "off":
+        return None
+    if choose_on == "validation":
+        if validate is None or not validate.predictions:
+            return None
+        predictions = [validate.predictions[case.case_id] for case in prepared_val]
+        cases = prepared_val
+    elif choose_on == "training":
+        backbone.eval()
+        with torch.no_grad():
+            predictions = [predict_prepared(backbone, case, config.model.patch_size, config.train.sw_overlap)
+                           for case in prepared_train]
+        cases = prepared_train
+    else:
+        raise ValueError(f"unknown postprocess.choose_on {choose_on!r}: 'validation', 'training' or 'off'")
+    names = {index: name for index, name in enumerate(targets, start=1)}
+    decision = choose_postprocessing(predictions, [case.label[0] for case in cases], names, chosen_on=choose_on)
+    # Written after the trainer's "finished" event, which stays the run's last event: the decision is
+    # this file, which predict reads.
+    write_json_atomic(os.path.join(run.root, POSTPROCESS_FILE), decision)
+    return decision
 
 
 def run_finetune(config: RunConfig, out: str, resume: bool = False, events_stdout: bool = False,
@@ -103,6 +178,8 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
 
     config.model.out_channels = len(targets) + 1
     config.model.validate()
+    prepare_intensity_statistics(config, train_cases, targets)
+    augmentation = mirroring(config, targets)
     preparer = CasePreparer(config.preprocess, targets, pad_to=config.model.patch_size,
                             cache_dir=config.data.cache_dir)
     prepared_train = preparer.prepare_all(train_cases, progress=progress and context.is_main)
@@ -138,13 +215,15 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
 
     sampler = PatchSampler(prepared_train, config.model.patch_size, config.train.foreground_ratio)
     length = config.train.max_steps * config.train.batch_size * config.train.grad_accumulation * context.world_size
-    dataset = SupervisedPatches(sampler, config.train.seed, length, augment=True)
+    dataset = SupervisedPatches(sampler, config.train.seed, length, augment=True, **augmentation)
     validate = None
     if prepared_val:
         validate = make_validator(prepared_val, targets, config.model.patch_size, config.train.sw_overlap)
     trainer = Trainer(run, config, SupervisedObjective(backbone), dataset, context, events, kind="finetune",
                       labels=labels, validate=validate)
     summary = trainer.fit(resume=resume)
+    if context.is_main and not summary["stopped"]:
+        choose_run_postprocessing(config, run, backbone, validate, prepared_val, prepared_train, targets)
     summary["run_dir"] = run.root
     return summary
 

@@ -89,15 +89,75 @@ def build_preprocess_transform(config: PreprocessConfig, pad_to: Optional[Sequen
         low, high = config.window
         steps.append(ScaleIntensityRanged(keys="image", a_min=float(low), a_max=float(high),
                                           b_min=0.0, b_max=1.0, clip=True))
+    elif config.intensity == "ct_zscore":
+        steps.append(ScaleIntensityRanged(keys="image", **zscore_range(config)))
     elif config.intensity == "percentile":
         low, high = config.percentiles
         steps.append(ScaleIntensityRangePercentilesd(keys="image", lower=float(low), upper=float(high),
                                                      b_min=0.0, b_max=1.0, clip=True))
     else:
-        raise ValueError(f"unknown intensity normalisation {config.intensity!r}: 'ct_window' or 'percentile'")
+        raise ValueError(f"unknown intensity normalisation {config.intensity!r}: "
+                         "'ct_window', 'ct_zscore' or 'percentile'")
     if pad_to is not None:
         steps.append(SpatialPadd(keys=keys, spatial_size=[int(p) for p in pad_to], mode="constant"))
     return Compose(steps)
+
+
+def zscore_range(config: PreprocessConfig) -> dict:
+    """``ScaleIntensityRange`` arguments for ct_zscore: clip to the run's HU range, then ``(HU - mean) / std``.
+
+    Clipping and z-scoring is one linear map of the clipped range, so MONAI's range scaling does both.
+    """
+    stats = config.intensity_stats
+    if not stats:
+        raise ValueError("intensity 'ct_zscore' needs the run's intensity statistics "
+                         "(data.preprocess.intensity_statistics), and this config has none")
+    low, high = float(stats["clip_low"]), float(stats["clip_high"])
+    mean, std = float(stats["mean"]), max(float(stats["std"]), 1e-8)
+    return {"a_min": low, "a_max": high, "b_min": (low - mean) / std, "b_max": (high - mean) / std, "clip": True}
+
+
+def intensity_statistics(prepared_or_cases, targets: Sequence[str] = (), percentiles: Sequence[float] = (0.5, 99.5),
+                         max_voxels_per_case: int = 200_000, seed: int = 0) -> Dict[str, float]:
+    """CT statistics for ct_zscore, from the HU values inside the labelled foreground of training cases.
+
+    nnU-Net's CT scheme: the foreground voxels of all training cases give the clipping range (the
+    ``percentiles`` of their HU values) and, after clipping, the mean and standard deviation.  Air, the
+    table and everything unlabelled do not count, so the statistics describe the tissue that is segmented.
+
+    Args:
+        prepared_or_cases: catalog :class:`Case` objects (image and label files are read; a label is
+            mapped to ``targets`` by name), or ``(image_hu, label)`` array pairs of one shape, any layout.
+        targets: the organs whose voxels are foreground (for ``Case`` inputs).
+        percentiles: lower and upper percentile of the clipping range.
+        max_voxels_per_case: a larger foreground is subsampled to this many voxels, with a generator
+            seeded by ``(seed, case number)``, so big datasets stay cheap and the result reproducible.
+
+    Returns:
+        ``{"clip_low", "clip_high", "mean", "std"}`` in HU and ``"voxels"``, the number of values used.
+    """
+    values = []
+    for number, item in enumerate(prepared_or_cases):
+        if isinstance(item, Case):
+            image, target, _ = _read_image_and_target(item, targets)
+            hu = sitk.GetArrayViewFromImage(image)
+        else:
+            hu, target = (np.asarray(a) for a in item)
+        foreground = np.asarray(hu, dtype=np.float32)[np.asarray(target) > 0]
+        if foreground.size > max_voxels_per_case:
+            pick = np.random.default_rng([int(seed), number]).choice(foreground.size, max_voxels_per_case,
+                                                                     replace=False)
+            foreground = foreground[np.sort(pick)]
+        values.append(foreground)
+    pooled = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    if pooled.size == 0:
+        raise InputError("no labelled foreground voxel to compute the CT intensity statistics from",
+                         path="--data", fix="check --labels against the datasets' label names, or use "
+                                            "--intensity ct_window")
+    low, high = np.percentile(pooled.astype(np.float64), [float(percentiles[0]), float(percentiles[1])])
+    clipped = np.clip(pooled.astype(np.float64), low, high)
+    return {"clip_low": float(low), "clip_high": float(high), "mean": float(clipped.mean()),
+            "std": float(clipped.std()), "voxels": int(pooled.size)}
 
 
 def same_voxels_reordered(image: sitk.Image, label: sitk.Image, tolerance: float = 1e-3) -> bool:
@@ -160,14 +220,68 @@ def target_from_label(case: Case, targets: Sequence[str]) -> tuple:
     return target, label_image
 
 
+def _read_image_and_target(case: Case, targets: Sequence[str]) -> tuple:
+    """``(image sitk in HU, target (z, y, x) uint8, the target's grid)`` of a labelled case.
+
+    A label written on the same voxels with axes flipped or permuted is moved onto the image grid;
+    any other grid mismatch is an :class:`InputError`.
+    """
+    from .io import check_same_grid, read_image, resample_to_reference, same_grid
+
+    image = read_image(case.image)
+    target, label_image = target_from_label(case, targets)
+    label_grid = label_image.image
+    if same_voxels_reordered(image, label_grid) and not same_grid(image, label_grid):
+        moved = sitk.GetImageFromArray(target)
+        moved.CopyInformation(label_grid)
+        target = sitk.GetArrayFromImage(resample_to_reference(moved, image, "nearest"))
+        label_grid = image
+    check_same_grid(image, label_grid, case.image, case.label)
+    return image, target, label_grid
+
+
+def prepared_body_mask(image: sitk.Image, config: PreprocessConfig,
+                       pad_to: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The patient's trunk (engine/body.py) of a CT ``image`` in HU, on the preprocessing grid.
+
+    Returns a bool ``[1, X, Y, Z]`` array aligned with the prepared image, so validation and
+    pseudo-labels can be masked exactly as ``predict`` masks its labelmaps.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Orientationd, Spacingd, SpatialPadd
+
+    from ..engine.body import body_mask
+
+    steps = [Orientationd(keys=["body"], axcodes=config.orientation),
+             Spacingd(keys=["body"], pixdim=tuple(float(s) for s in config.spacing), mode="nearest")]
+    if pad_to is not None:
+        steps.append(SpatialPadd(keys=["body"], spatial_size=[int(p) for p in pad_to], mode="constant"))
+    mask = to_monai_array(body_mask(image).astype(np.uint8))
+    out = Compose(steps)({"body": MetaTensor(mask, affine=affine_from_sitk(image))})
+    return np.rint(np.asarray(out["body"].numpy())) > 0
+
+
+def mask_outside_prepared_body(labels: np.ndarray, case: "PreparedCase") -> np.ndarray:
+    """``labels`` (``[X, Y, Z]`` or ``[1, X, Y, Z]``) with background outside ``case.body``; unchanged without one."""
+    if case.body is None:
+        return labels
+    body = case.body if labels.ndim == case.body.ndim else case.body[0]
+    return np.where(body, labels, np.zeros_like(labels))
+
+
 @dataclass
 class PreparedCase:
-    """A case on the network's grid: ``image`` float32 ``[1, X, Y, Z]`` in [0, 1], ``label`` uint8 or None."""
+    """A case on the network's grid.
+
+    ``image`` float32 ``[1, X, Y, Z]`` (intensities as the run's normalisation makes them), ``label``
+    uint8 ``[1, X, Y, Z]`` or None, ``body`` bool ``[1, X, Y, Z]`` (the trunk, CT only) or None.
+    """
 
     case_id: str
     image: np.ndarray
     label: Optional[np.ndarray]
     affine: np.ndarray
+    body: Optional[np.ndarray] = None
 
 
 class CasePreparer:
@@ -215,24 +329,19 @@ class CasePreparer:
     def _compute(self, case: Case, with_label: bool) -> Optional[PreparedCase]:
         from monai.data import MetaTensor
 
-        from .io import check_same_grid, read_image, resample_to_reference, same_grid
-
-        image = read_image(case.image)
-        data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(image).astype(np.float32)),
-                                    affine=affine_from_sitk(image))}
         if with_label:
-            target, label_image = target_from_label(case, self.targets)
-            label_grid = label_image.image
-            if same_voxels_reordered(image, label_grid) and not same_grid(image, label_grid):
-                moved = sitk.GetImageFromArray(target)
-                moved.CopyInformation(label_grid)
-                target = sitk.GetArrayFromImage(resample_to_reference(moved, image, "nearest"))
-                label_grid = image
-            check_same_grid(image, label_grid, case.image, case.label)
+            image, target, label_grid = _read_image_and_target(case, self.targets)
             if not target.any():
                 warnings.warn(f"{case.label}: none of {', '.join(self.targets)} is labelled in this case; "
                               "it is skipped")
                 return None
+        else:
+            from .io import read_image
+
+            image = read_image(case.image)
+        data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(image).astype(np.float32)),
+                                    affine=affine_from_sitk(image))}
+        if with_label:
             data["label"] = MetaTensor(to_monai_array(target), affine=affine_from_sitk(label_grid))
         transform = build_preprocess_transform(self.config, self.pad_to, with_label)
         out = transform(data)
@@ -240,8 +349,11 @@ class CasePreparer:
         label_array = None
         if with_label:
             label_array = np.rint(np.asarray(out["label"].numpy())).astype(np.uint8)
-        affine = np.asarray(out["image"].affine, dtype=np.float64)
-        return PreparedCase(case.case_id, image_array, label_array, affine)
+        body = None
+        if self.config.is_ct():
+            body = prepared_body_mask(image, self.config, self.pad_to)
+        return PreparedCase(case.case_id, image_array, label_array, np.asarray(out["image"].affine, dtype=np.float64),
+                            body)
 
     # --- optional disk cache -------------------------------------------------------------------------
     def _cache_path(self, case: Case, with_label: bool) -> Optional[str]:
@@ -253,7 +365,7 @@ class CasePreparer:
                 info = os.stat(path)
                 stamp.append([os.path.abspath(path), info.st_size, info.st_mtime_ns])
         key = json.dumps([stamp, asdict(self.config), self.targets, self.pad_to, with_label,
-                          case.label_map], sort_keys=True, default=str)
+                          case.label_map, "body"], sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:20]
         return os.path.join(self.cache_dir, f"{digest}.npz")
 
@@ -263,7 +375,8 @@ class CasePreparer:
             return None
         with np.load(path) as stored:
             label = stored["label"] if "label" in stored.files else None
-            return PreparedCase(case.case_id, stored["image"], label, stored["affine"])
+            body = stored["body"] if "body" in stored.files else None
+            return PreparedCase(case.case_id, stored["image"], label, stored["affine"], body)
 
     def _save_to_disk(self, case: Case, with_label: bool, prepared: PreparedCase) -> None:
         path = self._cache_path(case, with_label)
@@ -273,6 +386,8 @@ class CasePreparer:
         arrays = {"image": prepared.image, "affine": prepared.affine}
         if prepared.label is not None:
             arrays["label"] = prepared.label
+        if prepared.body is not None:
+            arrays["body"] = prepared.body
         temporary = path + f".tmp{os.getpid()}.npz"
         np.savez(temporary, **arrays)
         os.replace(temporary, path)

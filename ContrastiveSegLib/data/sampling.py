@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .preprocess import PreparedCase
+from .views import intensity_augment, supervised_augment
 
 
 def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -72,52 +73,65 @@ class PatchSampler:
             return tuple(int(c) for c in np.unravel_index(flat, shape))
         return tuple(int(rng.integers(s)) for s in shape)
 
-    def sample(self, rng: np.random.Generator, case_index: int = -1, prefer: Optional[Sequence[int]] = None):
-        """One patch: ``(image [1, *patch] float32, label [1, *patch] int64 or None, case_index)``."""
+    def window(self, rng: np.random.Generator, case_index: int = -1,
+               prefer: Optional[Sequence[int]] = None) -> Tuple[int, List[int]]:
+        """``(case_index, start)``: where the next patch lies, kept inside the volume where it is large enough."""
         if case_index < 0:
             case_index = int(rng.integers(len(self.cases)))
         case = self.cases[case_index]
         centre = self.centre(case_index, rng, prefer)
         start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
-        # Keep the patch inside the volume where the volume is large enough.
         start = [min(max(s, 0), max(dim - p, 0)) for s, dim, p in zip(start, case.image.shape[1:], self.patch_size)]
+        return case_index, start
+
+    def sample(self, rng: np.random.Generator, case_index: int = -1, prefer: Optional[Sequence[int]] = None):
+        """One patch: ``(image [1, *patch] float32, label [1, *patch] int64 or None, case_index)``."""
+        case_index, start = self.window(rng, case_index, prefer)
+        case = self.cases[case_index]
         image = crop_or_pad(case.image, start, self.patch_size)
         label = None if case.label is None else crop_or_pad(case.label, start, self.patch_size).astype(np.int64)
         return image, label, case_index
 
 
-def intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mild intensity augmentation for supervised training (MONAI transforms, seeded per sample).
-
-    No flips: left and right organs (kidney_left / kidney_right) are different classes.
-    """
-    from monai.transforms import RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
-
-    out = image
-    for transform in (RandScaleIntensity(factors=0.1, prob=0.5), RandShiftIntensity(offsets=0.1, prob=0.5),
-                      RandGaussianNoise(prob=0.2, std=0.02)):
-        transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
-        out = transform(out)
-    return np.asarray(out, dtype=np.float32)
-
-
 class SupervisedPatches(Dataset):
-    """Map-style dataset: item ``i`` is sample ``i`` of the run (see the module docstring)."""
+    """Map-style dataset: item ``i`` is sample ``i`` of the run (see the module docstring).
 
-    def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True):
+    ``augmentation`` (data/views.py): ``"intensity"`` crops the patch and varies its intensities only;
+    ``"spatial"`` draws rotation, zoom, elastic deformation and mirrors along ``mirror_axes`` around the
+    patch centre, resamples the patch from the whole case (so no padding enters where the case goes on),
+    then applies nnU-Net's intensity augmentations.  ``swap`` relabels left/right organs when the
+    ``lateral_axis`` is mirrored (:func:`~.views.lateral_swap`).
+    """
+
+    def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,
+                 augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
+                 swap: Optional[np.ndarray] = None, lateral_axis: int = 0):
+        if augmentation not in ("intensity", "spatial"):
+            raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
         self.sampler = sampler
         self.seed = int(seed)
         self.length = int(length)
         self.augment = augment
+        self.augmentation = augmentation
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
+        self.swap = swap
+        self.lateral_axis = int(lateral_axis)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int):
         rng = np.random.default_rng([self.seed, int(index)])
-        image, label, _ = self.sampler.sample(rng)
-        if self.augment:
-            image = intensity_augment(image, rng)
+        if self.augment and self.augmentation == "spatial":
+            case_index, start = self.sampler.window(rng)
+            case = self.sampler.cases[case_index]
+            centre = [s + (p - 1) / 2.0 for s, p in zip(start, self.sampler.patch_size)]
+            image, label = supervised_augment(case.image, case.label, centre, self.sampler.patch_size, rng,
+                                              self.mirror_axes, self.swap, self.lateral_axis)
+        else:
+            image, label, _ = self.sampler.sample(rng)
+            if self.augment:
+                image = intensity_augment(image, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label))}
 

@@ -349,3 +349,200 @@ def draw_view_pair(rng: np.random.Generator, crop_shape: Sequence[int], patch_sh
     if geometry == "shared":
         return first, first
     return first, draw_view_transform(rng, crop_shape, patch_shape, **options)
+
+
+# --- Supervised augmentation -----------------------------------------------------------------------------
+# Fine-tuning and self-training patches.  The spatial part follows nnU-Net's defaults where the issue
+# does not say otherwise (rotation and scaling each with p = 0.2, one zoom for all axes), the intensity
+# part nnU-Net's list (noise, blur, brightness, contrast, low resolution, gamma) as MONAI transforms.
+# Rotation is about each axis of the preprocessing grid (RAS: x, y, z; z is the patient's long axis,
+# so rotation about it is an in-plane, axial rotation and gets the larger range).
+
+SUPERVISED_MAX_ROTATION = (np.deg2rad(15.0), np.deg2rad(15.0), np.deg2rad(30.0))   # about x, y, z
+SUPERVISED_SCALE_RANGE = (0.85, 1.25)   # a zoom above 1 enlarges the anatomy
+
+
+def intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mild intensity augmentation: scale, shift and noise (MONAI transforms, seeded from ``rng``).
+
+    The supervised augmentation of runs made before the spatial recipe (``augmentation = "intensity"``);
+    ``image`` is ``[1, X, Y, Z]`` float32, the result has its shape.
+    """
+    from monai.transforms import RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
+
+    out = image
+    for transform in (RandScaleIntensity(factors=0.1, prob=0.5), RandShiftIntensity(offsets=0.1, prob=0.5),
+                      RandGaussianNoise(prob=0.2, std=0.02)):
+        transform.set_random_state(seed=_seed(rng))
+        out = transform(out)
+    return np.asarray(out, dtype=np.float32)
+
+
+def lateral_swap(targets: Sequence[str]) -> Optional[np.ndarray]:
+    """The class permutation a left-right mirror needs, or None if no such permutation is right.
+
+    Classes are ``0`` (background) and ``1..K`` = ``targets``.  A name containing ``left`` (``right``)
+    pairs with the same name with ``right`` (``left``), e.g. ``kidney_left`` / ``kidney_right``.  The
+    result maps each class to the class it becomes in the mirror image (identity for unpaired names);
+    it is None when a lateral name's partner is not among the targets, since then a mirrored
+    ``adrenal_gland_left`` would lie on the right with no right label to give it.
+    """
+    index = {name: number for number, name in enumerate(targets, start=1)}
+    mapping = np.arange(len(targets) + 1)
+    for name, number in index.items():
+        parts = name.split("_")
+        if "left" not in parts and "right" not in parts:
+            continue
+        partner = "_".join({"left": "right", "right": "left"}.get(part, part) for part in parts)
+        if partner not in index:
+            return None
+        mapping[number] = index[partner]
+    return mapping
+
+
+def left_right_axis(orientation: str) -> int:
+    """The array axis of the preprocessing grid that runs left-right (``"RAS"`` -> 0)."""
+    for axis, code in enumerate(orientation.upper()):
+        if code in "LR":
+            return axis
+    raise ValueError(f"orientation {orientation!r} has no left-right axis")
+
+
+def check_mirror_axes(mirror_axes: Sequence[int], targets: Sequence[str], orientation: str = "RAS") -> None:
+    """Raise ValueError when mirroring along ``mirror_axes`` could mislabel a left/right organ."""
+    axes = [int(a) for a in mirror_axes]
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"mirror axes {tuple(axes)} must be among 0, 1, 2")
+    if left_right_axis(orientation) in axes and lateral_swap(targets) is None:
+        raise ValueError("the left-right axis cannot be mirrored: a left or right organ among the targets "
+                         "has no partner to swap with (add the pair, or leave that axis out)")
+
+
+@dataclass(frozen=True)
+class SupervisedDraw:
+    """One drawn spatial augmentation: the transform and the axes it mirrors."""
+
+    transform: SpatialTransform
+    mirrored: Tuple[int, ...]
+
+
+def draw_supervised_transform(rng: np.random.Generator, centre: Sequence[float], output_shape: Sequence[int], *,
+                              mirror_axes: Sequence[int] = (), rotation_prob: float = 0.2, scale_prob: float = 0.2,
+                              elastic_prob: float = 0.1, max_rotation: Sequence[float] = SUPERVISED_MAX_ROTATION,
+                              scale_range: Tuple[float, float] = SUPERVISED_SCALE_RANGE,
+                              max_displacement: float = 2.0, control_spacing: int = 16) -> SupervisedDraw:
+    """Draw rotation, zoom, elastic deformation and mirrors for a patch centred on input voxel ``centre``.
+
+    * rotation, with ``rotation_prob``: about axis ``a`` uniform in ``+-max_rotation[a]`` rad;
+    * zoom, with ``scale_prob``: one factor for all axes, uniform in ``scale_range``;
+    * elastic, with ``elastic_prob``: see :func:`draw_spatial_transform`;
+    * mirror of each of ``mirror_axes`` with p = 0.5 (a sign flip of that output axis).
+
+    The draws are made in a fixed order (every number is drawn whether used or not), so one generator
+    state gives one transform.
+    """
+    rotate, zoom, deform = rng.random() < rotation_prob, rng.random() < scale_prob, rng.random() < elastic_prob
+    angles = rng.uniform(-np.asarray(max_rotation, dtype=np.float64), np.asarray(max_rotation, dtype=np.float64))
+    factor = rng.uniform(scale_range[0], scale_range[1])
+    flips = rng.random(3) < 0.5
+    sigma = rng.uniform(0.0, max_displacement)
+    matrix = np.eye(3)
+    if rotate:
+        matrix = _rotation(angles)
+    if zoom:
+        matrix = matrix / factor
+    mirrored = tuple(a for a in sorted({int(a) for a in mirror_axes}) if flips[a])
+    for axis in mirrored:
+        matrix = matrix @ np.diag([-1.0 if a == axis else 1.0 for a in range(3)])
+    field = None
+    if deform:
+        points = [max(2, int(np.ceil(int(s) / control_spacing)) + 1) for s in output_shape]
+        field = rng.normal(0.0, sigma, size=[3] + points)
+    return SupervisedDraw(SpatialTransform(matrix, np.asarray(centre, dtype=np.float64), field), mirrored)
+
+
+def resample_region(volume: np.ndarray, source, mode: str) -> np.ndarray:
+    """Like :func:`resample`, but reads only the box of ``volume`` that ``source`` touches.
+
+    The box is cut from the whole volume before resampling, so a rotated or zoomed-out patch takes its
+    corners from real neighbouring tissue; zeros enter only where the map leaves the volume itself.
+    """
+    import torch
+
+    low = torch.floor(source.reshape(-1, 3).min(0).values).to(torch.int64) - 1
+    high = torch.ceil(source.reshape(-1, 3).max(0).values).to(torch.int64) + 2
+    size = (high - low).tolist()
+    region = np.zeros((volume.shape[0],) + tuple(size), dtype=volume.dtype)
+    inside_source, inside_region = [], []
+    for axis in range(3):
+        lo, hi = max(int(low[axis]), 0), min(int(high[axis]), volume.shape[axis + 1])
+        if hi <= lo:
+            return resample(region, source - low.to(source.dtype), mode)
+        inside_source.append(slice(lo, hi))
+        inside_region.append(slice(lo - int(low[axis]), hi - int(low[axis])))
+    region[(slice(None),) + tuple(inside_region)] = volume[(slice(None),) + tuple(inside_source)]
+    return resample(region, source - low.to(source.dtype), mode)
+
+
+def supervised_intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """nnU-Net's intensity augmentations as MONAI transforms, on a z-scored (or [0, 1]) ``[1, X, Y, Z]`` patch.
+
+    Gaussian noise (p 0.1), Gaussian blur (p 0.2, sigma 0.5-1 voxel), brightness x0.75-1.25 (p 0.15),
+    contrast x0.75-1.25 about the mean with the range kept (p 0.15), low-resolution simulation (p 0.25,
+    zoom 0.5-1), gamma 0.7-1.5 on the min-max range (p 0.3).
+    """
+    from monai.transforms import (
+        RandAdjustContrast,
+        RandGaussianNoise,
+        RandGaussianSmooth,
+        RandScaleIntensity,
+        RandScaleIntensityFixedMean,
+        RandSimulateLowResolution,
+    )
+
+    out = image.astype(np.float32, copy=False)
+    for transform in (RandGaussianNoise(prob=0.1, std=0.1),
+                      RandGaussianSmooth(sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
+                      RandScaleIntensity(factors=0.25, prob=0.15),
+                      RandScaleIntensityFixedMean(factors=0.25, preserve_range=True, prob=0.15),
+                      RandSimulateLowResolution(prob=0.25, zoom_range=(0.5, 1.0)),
+                      RandAdjustContrast(gamma=(0.7, 1.5), prob=0.3)):
+        transform.set_random_state(seed=_seed(rng))
+        out = transform(out)
+    return np.asarray(out, dtype=np.float32)
+
+
+def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[float], patch_size: Sequence[int],
+                       rng: np.random.Generator, mirror_axes: Sequence[int] = (),
+                       swap: Optional[np.ndarray] = None, lateral_axis: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """An augmented training patch of ``patch_size`` centred on voxel ``centre`` of a whole case.
+
+    Args:
+        image: the case's ``[1, X, Y, Z]`` float32 volume.
+        label: its ``[1, X, Y, Z]`` integer classes; moved with the image (nearest) and, when the
+            ``lateral_axis`` is mirrored, relabelled with ``swap`` (see :func:`lateral_swap`).
+        centre: the input voxel at the patch centre (may be fractional).
+        mirror_axes: axes that may be mirrored (each with p = 0.5); must pass :func:`check_mirror_axes`.
+        swap: the class permutation of a left-right mirror (None: the identity).
+        lateral_axis: the left-right axis of the grid (:func:`left_right_axis`).
+
+    Returns:
+        ``(image [1, *patch] float32, label [1, *patch] int64)``.
+    """
+    draw = draw_supervised_transform(rng, centre, patch_size, mirror_axes=mirror_axes)
+    transform = draw.transform
+    start = np.asarray(centre, dtype=np.float64) - (np.asarray(patch_size) - 1) / 2.0
+    unchanged = transform.elastic is None and np.array_equal(transform.matrix, np.eye(3))
+    inside = np.all(start >= 0) and np.all(start + np.asarray(patch_size) <= np.asarray(image.shape[1:]))
+    if unchanged and inside and np.allclose(start, np.rint(start)):
+        # No spatial change: a plain crop is exact and cheaper than resampling.
+        box = (slice(None),) + tuple(slice(int(round(b)), int(round(b)) + int(p)) for b, p in zip(start, patch_size))
+        patch_image, patch_label = image[box].astype(np.float32), label[box]
+    else:
+        source = transform.source_coordinates(patch_size)
+        patch_image = resample_region(image, source, "bilinear")
+        patch_label = resample_region(label, source, "nearest")
+    patch_label = patch_label.astype(np.int64)
+    if swap is not None and lateral_axis in draw.mirrored:
+        patch_label = np.asarray(swap, dtype=np.int64)[patch_label]
+    return supervised_intensity_augment(np.ascontiguousarray(patch_image), rng), np.ascontiguousarray(patch_label)

@@ -31,6 +31,7 @@ class LoadedModel:
     config: RunConfig
     labels: Dict[int, str]
     checkpoint: str
+    postprocess: Optional[Dict] = None   # the run's post-processing decision (engine/postprocess.py)
 
 
 def load_model(model_path: str, device: torch.device, checkpoint: str = "best") -> LoadedModel:
@@ -57,7 +58,18 @@ def load_model(model_path: str, device: torch.device, checkpoint: str = "best") 
     labels = {int(k): v for k, v in state["labels"].items()}
     if os.path.isdir(model_path) and os.path.exists(RunFolder(model_path).labels):
         labels = load_label_table(RunFolder(model_path).labels)
-    return LoadedModel(backbone.to(device).eval(), config, labels, path)
+    return LoadedModel(backbone.to(device).eval(), config, labels, path, run_postprocessing(model_path, path))
+
+
+def run_postprocessing(model_path: str, checkpoint_path: str) -> Optional[Dict]:
+    """The post-processing decision of the run a model comes from (its folder's postprocess.json), or None."""
+    from .postprocess import load_postprocessing
+
+    if os.path.isdir(model_path):
+        return load_postprocessing(model_path)
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    # A checkpoint file inside a run folder (RUN/checkpoints/*.pt) carries the run's decision with it.
+    return load_postprocessing(os.path.dirname(folder)) if os.path.basename(folder) == "checkpoints" else None
 
 
 def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
@@ -93,6 +105,45 @@ def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch
         return (total / len(flips))[0]
 
 
+def tta_flips(config: RunConfig) -> tuple:
+    """``(axes, swap)`` for test-time augmentation: the axes the run was trained mirrored along, and the
+    class permutation a mirror of the left-right axis needs (None when that axis is not among them).
+
+    A network never trained on mirrored images (every run before mirroring existed) gets no flips:
+    averaging it with predictions of anatomy it has never seen, left and right exchanged, only hurts.
+    """
+    from ..data.views import lateral_swap, left_right_axis
+
+    axes = tuple(sorted({int(a) for a in getattr(config.train, "mirror_axes", ()) or ()}))
+    lateral = left_right_axis(config.preprocess.orientation)
+    swap = lateral_swap(config.data.labels) if lateral in axes else None
+    return axes, (swap, lateral)
+
+
+def mirrored_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int], overlap: float,
+                           axes: Sequence[int], swap=None, lateral_axis: int = 0) -> torch.Tensor:
+    """Softmax probabilities ``[C, X, Y, Z]`` averaged over every combination of flips of ``axes``.
+
+    Each flipped prediction is flipped back; where the ``lateral_axis`` was flipped its left and right
+    classes are exchanged with ``swap`` (a class permutation, its own inverse), since the network
+    called the mirrored left kidney "right".
+    """
+    from itertools import combinations
+
+    axes = tuple(int(a) for a in axes)
+    combos = [c for r in range(len(axes) + 1) for c in combinations(axes, r)]
+    total = None
+    for combo in combos:
+        dims = [a + 1 for a in combo]   # image is [1, X, Y, Z]
+        flipped = torch.flip(image, dims) if dims else image
+        p = sliding_window_probabilities(backbone, flipped, patch_size, overlap=overlap)
+        p = torch.flip(p, dims) if dims else p
+        if swap is not None and lateral_axis in combo:
+            p = p[torch.as_tensor(np.asarray(swap), dtype=torch.long, device=p.device)]
+        total = p if total is None else total + p
+    return total / len(combos)
+
+
 def probabilities_to_input_grid(probabilities: np.ndarray, affine_ras: np.ndarray,
                                 reference: sitk.Image) -> np.ndarray:
     """Arg-max labels ``(z, y, x)`` on ``reference``'s grid from probabilities ``[C, X, Y, Z]`` on ``affine_ras``.
@@ -125,8 +176,11 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
                   image: Optional[sitk.Image] = None, mask_body: bool = True):
     """Predict one image file; returns ``(labels_zyx uint8 on the input grid, input sitk.Image)``.
 
+    The image is normalised as the run says (its CT window, or its saved ct_zscore statistics).
+    ``flip_tta`` averages over flips of the axes the run trained mirrored (:func:`tta_flips`).
     ``mask_body``: set everything outside the patient's trunk to background
     (:mod:`.body`), for models trained on CT in HU; other models are left as predicted.
+    The run's post-processing decision, if it has one, is applied last.
     """
     from monai.data import MetaTensor
 
@@ -138,11 +192,23 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
                                 affine=affine_from_sitk(image))}
     prepared = build_preprocess_transform(model.config.preprocess, pad_to=None, with_label=False)(data)["image"]
     tensor = torch.as_tensor(np.asarray(prepared.numpy(), dtype=np.float32))
-    probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
-                                                 overlap=overlap, flip_tta=flip_tta)
+    if flip_tta:
+        axes, (swap, lateral) = tta_flips(model.config)
+        probabilities = mirrored_probabilities(model.backbone, tensor, model.config.model.patch_size, overlap,
+                                               axes, swap, lateral)
+    else:
+        probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
+                                                     overlap=overlap)
     labels = probabilities_to_input_grid(probabilities.cpu().numpy(), np.asarray(prepared.affine), image)
-    if mask_body and model.config.preprocess.intensity == "ct_window":
+    if mask_body and model.config.preprocess.is_ct():
         from .body import mask_outside_body
 
         labels = mask_outside_body(labels, image)
-    return labels, image
+    return apply_run_postprocessing(labels, model), image
+
+
+def apply_run_postprocessing(labels: np.ndarray, model: LoadedModel) -> np.ndarray:
+    """``labels`` with the run's stored post-processing applied (unchanged for runs without one)."""
+    from .postprocess import apply_postprocessing
+
+    return apply_postprocessing(labels, model.postprocess, model.labels)

@@ -22,6 +22,16 @@ def test_quick_demo_runs_and_reports_dice(tmp_path):
     assert set(metrics["dice"]) == {"liver", "spleen", "stomach", "aorta"}
     # Patient B is validated on for the curves, so the scored model must not be the one chosen on it.
     assert metrics["checkpoint"] == "run/checkpoints/last.pt"
+    assert json.loads((out / "run" / "postprocess.json").read_text())["chosen_on"] == "training"
     assert "liver" in result.stdout and "mean" in result.stdout  # the printed table
     # The prediction of the DICOM patient is on the DICOM grid, 512 x 512 x 20.
     assert read_label_image(str(out / "heldout_prediction.seg.nrrd")).image.GetSize() == (512, 512, 20)
+
+
+def test_the_demo_decides_nothing_on_patient_b():
+    from ContrastiveSegLib.demo import demo_config, sample_paths
+
+    config = demo_config(quick=True, device="cpu")
+    # Patient B is the only validation dataset, so the post-processing rule must come from patient A.
+    assert config.data.val_datasets == [sample_paths()["heldout_dataset"]]
+    assert config.postprocess.choose_on == "training"

@@ -1,0 +1,129 @@
+"""CT normalisation: ct_zscore statistics from the labelled foreground, saved once, reused at predict;
+runs written before ct_zscore existed predict exactly as they did."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO_ROOT, SAMPLE_DIR, tiny_config
+
+from ContrastiveSegLib.config import PreprocessConfig
+from ContrastiveSegLib.data.catalog import load_datasets
+from ContrastiveSegLib.data.preprocess import build_preprocess_transform, intensity_statistics
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+OLD_RUN = os.path.join(REPO_ROOT, "Testing", "Data", "old_run")
+
+
+def test_statistics_come_from_the_labelled_foreground_only():
+    rng = np.random.default_rng(0)
+    image = np.full((20, 20, 20), -1000.0, dtype=np.float32)      # air everywhere ...
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[5:15, 5:15, 5:15] = 1
+    image[label > 0] = rng.normal(60.0, 20.0, size=int(label.sum()))   # ... soft tissue where labelled
+    stats = intensity_statistics([(image, label)])
+    foreground = image[label > 0].astype(np.float64)
+    low, high = np.percentile(foreground, [0.5, 99.5])
+    assert stats["clip_low"] == pytest.approx(low) and stats["clip_high"] == pytest.approx(high)
+    assert stats["mean"] == pytest.approx(np.clip(foreground, low, high).mean())
+    assert stats["std"] == pytest.approx(np.clip(foreground, low, high).std())
+    assert stats["voxels"] == 1000
+    # Whatever lies outside the labels (air, bone, the table) does not move the statistics.
+    other = image.copy()
+    other[label == 0] = 3000.0
+    assert intensity_statistics([(other, label)]) == stats
+
+
+def test_statistics_of_cases_read_the_targets_voxels(sample_dir):
+    case = load_datasets([sample_dir])[0].cases[0]
+    stats = intensity_statistics([case], ["liver", "spleen"])
+    image = sitk.GetArrayFromImage(sitk.ReadImage(case.image))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(case.label))
+    with open(os.path.join(sample_dir, "dataset.json"), encoding="utf-8") as handle:
+        values = [int(k) for k, v in json.load(handle)["labels"].items() if v in ("liver", "spleen")]
+    assert stats == intensity_statistics([(image, np.isin(label, values))])
+    assert -200 < stats["mean"] < 200 and stats["clip_low"] > -1000   # organ tissue, not air
+
+
+def test_zscore_maps_the_clipped_range_to_standard_scores():
+    config = PreprocessConfig(spacing=(1.0, 1.0, 1.0), intensity="ct_zscore",
+                              intensity_stats={"clip_low": -100.0, "clip_high": 200.0, "mean": 50.0, "std": 25.0})
+    from monai.data import MetaTensor
+
+    values = np.array([-1000.0, -100.0, 50.0, 100.0, 200.0, 900.0], dtype=np.float32).reshape(1, 6, 1, 1)
+    out = build_preprocess_transform(config, with_label=False)({"image": MetaTensor(values, affine=np.eye(4))})
+    np.testing.assert_allclose(out["image"].numpy().reshape(-1), [-6.0, -6.0, 0.0, 2.0, 6.0, 6.0], atol=1e-5)
+    with pytest.raises(ValueError, match="statistics"):
+        build_preprocess_transform(PreprocessConfig(intensity="ct_zscore"), with_label=False)
+
+
+def test_statistics_are_saved_once_and_reused_by_predict(tmp_path, tiny_dataset):
+    import torch
+
+    from ContrastiveSegLib.data.preprocess import CasePreparer
+    from ContrastiveSegLib.engine.inference import load_model
+    from ContrastiveSegLib.finetune import run_finetune, split_cases
+
+    config = tiny_config([tiny_dataset], ["liver", "spleen"], max_steps=2)
+    config.preprocess.intensity = "ct_zscore"
+    run = tmp_path / "run"
+    run_finetune(config, str(run), progress=False)
+    saved = json.loads((run / "config.json").read_text())["preprocess"]["intensity_stats"]
+    train_cases, _ = split_cases(config, load_datasets([tiny_dataset])[0].cases, [])
+    assert saved == intensity_statistics(train_cases, ["liver", "spleen"])   # the training cases only
+    model = load_model(str(run), torch.device("cpu"), checkpoint="last")
+    assert model.config.preprocess.intensity_stats == saved
+    # Validation and predict normalise with the saved numbers: a prepared liver has mean about 0.
+    prepared = CasePreparer(model.config.preprocess, ["liver"]).prepare(train_cases[0])
+    liver = prepared.image[prepared.label > 0]
+    assert abs(float(np.mean(liver))) < 0.5 and 0.3 < float(np.std(liver)) < 2.0
+    # A resumed run keeps its statistics instead of computing new ones.
+    again = tiny_config([tiny_dataset], ["liver", "spleen"], max_steps=3)
+    again.preprocess.intensity = "ct_zscore"
+    run_finetune(again, str(run), resume=True, progress=False)
+    assert json.loads((run / "config.json").read_text())["preprocess"]["intensity_stats"] == saved
+
+
+def _old_run(tmp_path) -> str:
+    """The run folder of ``Testing/Data/old_run`` with its network (see its README)."""
+    import torch
+
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.engine.checkpoint import save_checkpoint
+    from ContrastiveSegLib.models import build_backbone
+
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "labels.json"):
+        shutil.copy(os.path.join(OLD_RUN, name), run / name)
+    saved = json.loads((run / "config.json").read_text())
+    config = RunConfig.from_dict(saved)
+    torch.manual_seed(20240611)
+    backbone = build_backbone(config.model)
+    with torch.no_grad():
+        backbone.net.final_conv.weight.mul_(50.0)
+        backbone.net.final_conv.bias.zero_()
+    save_checkpoint(str(run / "checkpoints" / "last.pt"),
+                    {"kind": "finetune", "model_config": saved["model"], "model": backbone.state_dict(),
+                     "labels": json.loads((run / "labels.json").read_text()), "step": 40, "best_metric": None,
+                     "config": saved})
+    return str(run)
+
+
+def test_a_run_written_before_the_recipe_predicts_identically(tmp_path):
+    import torch
+
+    from ContrastiveSegLib.engine.inference import load_model, predict_image
+
+    model = load_model(_old_run(tmp_path), torch.device("cpu"), checkpoint="last")
+    assert model.config.preprocess.intensity == "ct_window" and model.postprocess is None
+    labels, _ = predict_image(model, os.path.join(SAMPLE_DIR, "abdomen_ct.nii.gz"), overlap=0.5)
+    expected = np.load(os.path.join(OLD_RUN, "expected_prediction.npz"))["labels"]
+    assert (expected > 0).sum() > 10000   # the fixture's network does label tissue
+    np.testing.assert_array_equal(labels, expected)

@@ -1,0 +1,256 @@
+"""Few-label accuracy: the demo task with the recipe before and after each of its changes.
+
+    python benchmarks/few_label_accuracy.py [--steps 400] [--seeds 0,1,2] [--variants old,zscore,spatial,new]
+                                            [--out few-label-accuracy] [--nnunet]
+
+The demo task (``contrastiveseg demo``): a small U-Net at 3 mm trained on patient A (the shipped
+``abdomen_ct``, one labelled scan) for liver, spleen, stomach and aorta, scored on patient B (the
+held-out DICOM series, never trained on) with ``evaluate`` on B's own grid, using the *last*
+checkpoint.  Nothing is chosen on B: the benchmark does not validate on it at all, and the
+post-processing rule is chosen on the training scan.
+
+Training variants (each trained once per seed, same steps, same seeds, same machine, one after another):
+
+* ``old``: the recipe before issue 11: CT window [-150, 250] HU -> [0, 1], intensity-only augmentation;
+* ``zscore``: ``old`` with ``--intensity ct_zscore`` (change 1 alone);
+* ``spatial``: ``old`` with the spatial augmentation (change 2 alone);
+* ``new``: both; ``new_mirror``: both, plus mirroring along every axis (so that TTA has axes to flip).
+
+Rows scored from each trained model (no retraining): ``plain``; ``+pp``, the largest-component rule
+X
+none unless mirrored); and for ``old`` also ``+tta_all_axes``, the previous TTA (8 flips, left-right
+included) on a network never trained mirrored.
+
+Each training runs in its own process, which reports its train and predict seconds and peak resident
+memory.  Seconds are comparable only within one invocation on one machine.  Writes ``RESULTS.json``
+and ``dice.png`` into ``--out``.
+
+``--nnunet`` additionally trains nnU-Net v2 on the same scan for the wall-clock of the slowest ``new``
+training (see ``nnunet_baseline``) in a virtual environment of its own, and scores it the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+VARIANTS = {
+    "old": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": ()},
+    "zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": ()},
+    "spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": ()},
+    "new": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": ()},
+    "new_mirror": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": (0, 1, 2)},
+}
+
+
+def variant_config(variant: str, seed: int, steps: int):
+    """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A."""
+    from ContrastiveSegLib.demo import demo_config
+
+    config = demo_config(quick=False, device="cpu", max_steps=steps)
+    settings = VARIANTS[variant]
+    config.preprocess.intensity = settings["intensity"]
+    config.preprocess.intensity_stats = None
+    config.train.augmentation = settings["augmentation"]
+    config.train.mirror_axes = tuple(settings["mirror_axes"])
+    config.train.seed = seed
+    config.train.val_every = 0
+    config.train.checkpoint_every = 0
+    config.data.val_datasets = []
+    config.postprocess.choose_on = "training"
+    return config
+
+
+def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0) -> dict:
+    """Train one variant with one seed into ``out``, score every row; the result as a dict."""
+    import warnings
+
+    import torch
+
+    from ContrastiveSegLib.demo import score_heldout
+    from ContrastiveSegLib.engine.inference import load_model
+    from ContrastiveSegLib.finetune import run_finetune
+
+    warnings.filterwarnings("ignore")
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = os.path.join(out, "run")
+    started = time.perf_counter()
+    run_finetune(variant_config(variant, seed, steps), run_dir, progress=False)
+    train_seconds = time.perf_counter() - started
+    model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
+    decision = model.postprocess
+    rows = {}
+
+    def score(row: str, tta: bool = False, postprocess=None, mirror_axes=None):
+        model.postprocess = postprocess
+        saved_axes = model.config.train.mirror_axes
+        if mirror_axes is not None:
+            model.config.train.mirror_axes = mirror_axes
+        begin = time.perf_counter()
+        metrics = score_heldout(model, out, flip_tta=tta)[0]
+        model.config.train.mirror_axes = saved_axes
+        rows[row] = {"dice": metrics["dice"], "mean_dice": metrics["mean_dice"],
+                     "predict_seconds": round(time.perf_counter() - begin, 2)}
+
+    score("plain")
+    score("+pp", postprocess=decision)
+    if tuple(model.config.train.mirror_axes):
+        score("+pp+tta", tta=True, postprocess=decision)
+    if variant == "old":
+        score("+tta_all_axes", tta=True, mirror_axes=(0, 1, 2))
+    return {"variant": variant, "seed": seed, "steps": steps, "train_seconds": round(train_seconds, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "postprocess": decision, "rows": rows,
+            "intensity_stats": model.config.preprocess.intensity_stats}
+
+
+def summarise(results: list) -> dict:
+    """Per (variant, row): per-organ and mean Dice as mean and standard deviation over seeds."""
+    import numpy as np
+
+    table = {}
+    for result in results:
+        for row, values in result["rows"].items():
+            entry = table.setdefault(f"{result['variant']} {row}", {"dice": {}, "mean_dice": [], "train_seconds": [],
+                                                                     "predict_seconds": []})
+            for organ, value in values["dice"].items():
+                entry["dice"].setdefault(organ, []).append(value)
+            entry["mean_dice"].append(values["mean_dice"])
+            entry["train_seconds"].append(result["train_seconds"])
+            entry["predict_seconds"].append(values["predict_seconds"])
+    summary = {}
+    for key, entry in table.items():
+        summary[key] = {
+            "seeds": len(entry["mean_dice"]),
+            "mean_dice": [round(float(np.mean(entry["mean_dice"])), 3), round(float(np.std(entry["mean_dice"])), 3)],
+            "dice": {organ: [round(float(np.mean(v)), 3), round(float(np.std(v)), 3)]
+                     for organ, v in entry["dice"].items()},
+            "min_organ": round(float(min(np.mean(v) for v in entry["dice"].values())), 3),
+            "train_seconds": round(float(np.mean(entry["train_seconds"])), 1),
+            "predict_seconds": round(float(np.mean(entry["predict_seconds"])), 2),
+        }
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """The summary as a Markdown table: Dice mean +- sd over seeds per organ, the mean, the worst organ."""
+    organs = list(next(iter(summary.values()))["dice"])
+    lines = ["| recipe, row | " + " | ".join(organs) + " | mean | worst organ | train s | predict s |",
+             "|---" * (len(organs) + 5) + "|"]
+    for key, entry in summary.items():
+        cells = [f"{entry['dice'][o][0]:.3f} +- {entry['dice'][o][1]:.3f}" for o in organs]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | **{entry['mean_dice'][0]:.3f}** +- "
+                     f"{entry['mean_dice'][1]:.3f} | {entry['min_organ']:.3f} | {entry['train_seconds']:.0f} | "
+                     f"{entry['predict_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(summary)
+    organs = list(next(iter(summary.values()))["dice"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 4))
+    width = 0.8 / (len(organs) + 1)
+    for index, organ in enumerate(organs + ["mean"]):
+        values = [summary[k]["mean_dice"] if organ == "mean" else summary[k]["dice"][organ] for k in keys]
+        ax.bar([i + index * width for i in range(len(keys))], [v[0] for v in values], width,
+               yerr=[v[1] for v in values], label=organ, capsize=2)
+    ax.set_xticks([i + 0.4 for i in range(len(keys))])
+    ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Dice on patient B (mean +- sd over seeds)")
+    ax.set_ylim(0, 1)
+    ax.axhline(0.7, color="grey", linewidth=0.5)
+    ax.legend(fontsize=7, ncol=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="training steps of every run (default: the demo's 400)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default="old,zscore,spatial,new")
+    parser.add_argument("--out", default="few-label-accuracy")
+    parser.add_argument("--nnunet", action="store_true", help="also train and score nnU-Net v2 (see nnunet_baseline)")
+    parser.add_argument("--parallel", type=int, default=1, help="seeds trained at the same time (default: 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per training process (0: torch's default; 1 is faster on a busy CPU)")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="print a RESULTS.json's summary as Markdown and stop")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = os.path.abspath(args.out)
+    if args.table:
+        with open(args.table, encoding="utf-8") as handle:
+            print(markdown_table(json.load(handle)["summary"]))
+        return 0
+    if args.one:
+        variant, seed = args.one[0], int(args.one[1])
+        folder = os.path.join(out, f"{variant}-seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads)))
+        return 0
+    os.makedirs(out, exist_ok=True)
+    results = []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = args.variants.split(",")
+    lock = threading.Lock()
+    report = {}
+
+    def one_seed(seed: int) -> None:
+        # Variants of one seed run one after another; --parallel runs several seeds at once.
+        for variant in variants:
+            command = [sys.executable, os.path.abspath(__file__), "--one", variant, str(seed), "--steps",
+                       str(args.steps), "--out", out, "--threads", str(args.threads)]
+            completed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            if completed.returncode != 0:
+                raise RuntimeError(f"{variant} seed {seed} failed:\n{completed.stderr[-3000:]}")
+            result = json.loads(completed.stdout.strip().splitlines()[-1])
+            with lock:
+                results.append(result)
+                print(f"{variant} seed {seed}: " + ", ".join(f"{row} {values['mean_dice']:.3f}"
+                                                            for row, values in result["rows"].items()),
+                      file=sys.stderr, flush=True)
+                report.update({"command": "python benchmarks/few_label_accuracy.py " + " ".join(sys.argv[1:]),
+                               "task": "train on patient A (sample abdomen_ct), score patient B (held-out DICOM) on "
+                                       "B's grid, last checkpoint, nothing chosen on B",
+                               "steps": args.steps, "seeds": seeds, "parallel": args.parallel,
+                               "threads_per_run": args.threads,
+                               "summary": summarise(sorted(results, key=lambda r: (r["variant"], r["seed"]))),
+                               "runs": results})
+                with open(os.path.join(out, "RESULTS.json"), "w", encoding="utf-8") as handle:
+                    json.dump(report, handle, indent=1)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        for future in [pool.submit(one_seed, seed) for seed in seeds]:
+            future.result()
+    plot(summarise(results), os.path.join(out, "dice.png"))
+    if args.nnunet:
+        from nnunet_baseline import run_nnunet_comparison
+
+        budget = max(r["train_seconds"] for r in results if r["variant"] == "new") if any(
+            r["variant"] == "new" for r in results) else None
+        report["nnunet"] = run_nnunet_comparison(out, budget)
+        with open(os.path.join(out, "RESULTS.json"), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=1)
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
