@@ -128,34 +128,6 @@ def draw_spatial_transform(rng: np.random.Generator, input_shape: Sequence[int],
     return SpatialTransform(matrix, centre, field)
 
 
-def spatial_augment(image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator,
-                    prob: float = 0.5, max_rotation: float = 0.26, max_scale: float = 0.1,
-                    control_spacing: int = 16, max_displacement: float = 3.0) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Random elastic deformation and random affine transform, each with probability ``prob``.
-
-    Both are composed into one sampling map and applied in a single resampling
-    (bilinear for the image, nearest for the label, zeros outside), in voxel
-    units so a rotation stays a rotation on anisotropic patches; the output has
-    the input's shape.  Rotation about each axis is uniform in ``+-max_rotation``
-    rad (15 degrees), the scale per axis in ``1 +- max_scale``.
-
-    Args:
-        image: ``[1, X, Y, Z]`` float32.
-        label: ``[1, X, Y, Z]`` integer labels moved with the image, or None.
-
-    Returns:
-        ``(image, label)`` of the same shapes and dtypes.
-    """
-    transform = draw_spatial_transform(rng, image.shape[1:], affine_prob=prob, elastic_prob=prob,
-                                       max_rotation=max_rotation, scale_range=(1.0 - max_scale, 1.0 + max_scale),
-                                       control_spacing=control_spacing, max_displacement=max_displacement)
-    if transform.elastic is None and np.array_equal(transform.matrix, np.eye(3)):
-        return image, label
-    source = transform.source_coordinates(image.shape[1:])
-    moved_label = resample(label, source, "nearest") if label is not None else None
-    return resample(image, source, "bilinear"), moved_label
-
-
 def _rotation(angles: np.ndarray) -> np.ndarray:
     """Rotation matrix: about axis 0, then 1, then 2, by ``angles`` radians."""
     cx, cy, cz = np.cos(angles)

@@ -7,13 +7,14 @@ from conftest import dice
 
 from ContrastiveSegLib.data.views import (
     SpatialTransform,
+    draw_spatial_transform,
     draw_view_pair,
     draw_view_transform,
     intensity_view,
     inverse_map_points,
     map_points,
     render_view,
-    spatial_augment,
+    resample,
     view_correspondence,
     view_crop_shape,
 )
@@ -25,24 +26,34 @@ def _box():
     return image, (image > 0).astype(np.uint8)
 
 
-def test_zero_ranges_leave_the_patch_unchanged():
+def _moved(image, label, transform):
+    source = transform.source_coordinates(image.shape[1:])
+    return resample(image, source, "bilinear"), resample(label, source, "nearest")
+
+
+def test_the_identity_transform_leaves_the_patch_unchanged():
     image, label = _box()
-    moved, moved_label = spatial_augment(image, label, np.random.default_rng(0), prob=1.0, max_rotation=0.0,
-                                         max_scale=0.0, max_displacement=0.0)
+    moved, moved_label = _moved(image, label, SpatialTransform.identity(image.shape[1:]))
     np.testing.assert_allclose(moved, image, atol=1e-5)
     assert (moved_label == label).all() and moved_label.dtype == label.dtype
 
 
-def test_probability_zero_returns_the_input():
-    image, label = _box()
-    moved, moved_label = spatial_augment(image, label, np.random.default_rng(0), prob=0.0)
-    assert moved is image and moved_label is label
+def test_zero_ranges_draw_the_identity():
+    image, _ = _box()
+    transform = draw_spatial_transform(np.random.default_rng(0), image.shape[1:], affine_prob=1.0,
+                                       elastic_prob=1.0, max_rotation=0.0, scale_range=(1.0, 1.0),
+                                       max_displacement=0.0)
+    np.testing.assert_allclose(transform.source_coordinates(image.shape[1:]),
+                               SpatialTransform.identity(image.shape[1:]).source_coordinates(image.shape[1:]),
+                               atol=1e-5)
 
 
 def test_label_moves_with_the_image():
     image, label = _box()
     for seed in range(5):
-        moved, moved_label = spatial_augment(image, label, np.random.default_rng(seed), prob=1.0)
+        transform = draw_spatial_transform(np.random.default_rng(seed), image.shape[1:], affine_prob=1.0,
+                                           elastic_prob=1.0, scale_range=(0.9, 1.1))
+        moved, moved_label = _moved(image, label, transform)
         assert moved.shape == image.shape and moved_label.shape == label.shape
         assert set(np.unique(moved_label)) <= {0, 1}
         assert not np.array_equal(moved_label, label)                # it did move
@@ -53,16 +64,9 @@ def test_label_moves_with_the_image():
 def test_a_quarter_turn_in_the_plane_is_a_rotation_not_a_shear():
     """Rotation is done in voxel units: on a 32x32 plane a 90-degree turn maps the box onto its rotated self."""
     image, label = _box()
-
-    class Fixed:  # a generator whose draws give: elastic off, affine on, angles (0, 0, pi/2), scales 1
-        def random(self):
-            return Fixed.flags.pop(0)
-
-        def uniform(self, low, high, size=None):
-            return np.array([0.0, 0.0, np.pi / 2]) if low < 0 and high < 1 else np.ones(3)
-
-    Fixed.flags = [1.0, 0.0]
-    moved, moved_label = spatial_augment(image, label, Fixed(), prob=0.5)
+    turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    centre = SpatialTransform.identity(image.shape[1:]).input_centre
+    _, moved_label = _moved(image, label, SpatialTransform(turn, centre))
     turned = [np.rot90(label[0], k=k, axes=(0, 1)) for k in (1, -1)]   # the sense does not matter here
     assert max(dice(moved_label[0] > 0, t > 0) for t in turned) > 0.9
 
