@@ -40,6 +40,7 @@ from .engine.events import EventLog
 from .engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
 from .engine.trainer import Trainer
 from .errors import InputError
+from .finetune import prepare_intensity_statistics
 from .models import build_backbone
 
 METHODS = {"mixcl": "ContrastiveSegLib.methods.mixcl", "gcl": "ContrastiveSegLib.methods.gcl"}
@@ -166,6 +167,8 @@ def _pretrain(config: RunConfig, run: RunFolder, context: DistributedContext, re
 
     config.model.out_channels = len(names) + 1
     config.model.validate()
+    # ct_zscore: the sources' foreground statistics, computed once and saved with the run's config.
+    prepare_intensity_statistics(config, [case for dataset in datasets for case in dataset.cases], names)
     preparer = CasePreparer(config.preprocess, names, pad_to=config.model.patch_size, cache_dir=config.data.cache_dir)
     sources = prepare_sources(datasets, preparer, progress=progress and context.is_main)
     if not sources.cases:
