@@ -310,7 +310,8 @@ def _label_table_from_any(path: str):
         table = {}
         for name, values in parse_label_map(raw["labels"], path).items():
             for value in values:
-                table[value] = name
+                if isinstance(value, int):  # segment names do not name a label map's values
+                    table[value] = name
         return table
     return load_label_table(path)
 
