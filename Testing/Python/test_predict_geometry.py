@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,22 @@ def test_predict_errors(trained_run, tmp_path, sample_dir):
     sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))
     result = run_cli(["predict", "--model", trained_run, "--image", tmp_path / "flat.nrrd", "--out", tmp_path / "p.nii.gz"])
     assert result.returncode == 2 and "2D" in result.stderr
+
+
+def test_damaged_images_stop_predict_before_anything_is_written(trained_run, sample_dir, tmp_path):
+    from test_io import truncated_copy, write_ct_series
+
+    half = truncated_copy(Path(sample_dir) / "abdomen_ct.nii.gz", tmp_path / "half.nii.gz")
+    slices = write_ct_series(tmp_path / "series", [3.0 * k for k in range(8)])
+    truncated_copy(slices[5], slices[5])
+    write_ct_series(tmp_path / "gap", [0.0, 3.0, 6.0, 12.0, 15.0, 18.0])
+    for image, message in ((half, "truncated"), (tmp_path / "series", "slice005.dcm"),
+                           (tmp_path / "gap", "6 mm apart")):
+        out = tmp_path / "prediction.seg.nrrd"
+        result = run_cli(["predict", "--model", trained_run, "--image", image, "--out", out])
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert str(image) in result.stderr and message in result.stderr
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".prediction")]
 
 
 def test_nan_image_is_refused_by_finetune(tmp_path, sample_pieces, sample_label_map):
