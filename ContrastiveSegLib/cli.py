@@ -262,6 +262,8 @@ def _cmd_selftrain(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    import numpy as np
+
     from .data.io import write_labelmap
     from .engine.device import choose_device
     from .engine.inference import load_model, predict_image
@@ -272,11 +274,13 @@ def _cmd_predict(args) -> int:
         raise InputError(f"{args.overlap} is not in [0, 1)", path="--overlap")
     check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
     model = load_model(args.model, choose_device(args.device), checkpoint=args.checkpoint)
-    labels, _ = predict_image(model, args.image, overlap=args.overlap, flip_tta=args.tta, mask_body=args.body_mask)
+    labels, image = predict_image(model, args.image, overlap=args.overlap, flip_tta=args.tta,
+                                  mask_body=args.body_mask)
     names = {value: name for value, name in model.labels.items() if value != 0}
-    write_labelmap(args.out, labels, _, names=names, colors=colors_for(list(names.values())))
-    present = sorted(int(v) for v in set(labels.reshape(-1).tolist()) if v)
-    print(f"wrote {args.out} ({', '.join(names[v] for v in present) or 'no organ found'})", file=sys.stderr)
+    write_labelmap(args.out, labels, image, names=names, colors=colors_for(list(names.values())))
+    present = np.flatnonzero(np.bincount(labels.reshape(-1))[1:]) + 1   # a Python set of every voxel cost seconds
+    print(f"wrote {args.out} ({', '.join(names.get(int(v), str(v)) for v in present) or 'no organ found'})",
+          file=sys.stderr)
     return EXIT_OK
 
 
