@@ -4,8 +4,7 @@ A network fine-tuned on a few scans has seen little of what lies outside the
 patient: air, the table, blankets, the arms.  Its mistakes there are the most
 visible ones (an "aorta" floating above the patient) and cost the most Dice,
 because they are far from any real organ.  The organs this tool segments lie
-inside the trunk, so ``predict`` masks out everything outside it, on the
-network's grid, before the labels go back to the input's grid:
+inside the trunk, so ``predict`` masks out everything outside it:
 
 1. voxels above ``-500 HU`` are tissue (fat is about -100 HU, lung about -800);
 2. an opening of one voxel within each axial slice detaches thin contacts
@@ -45,16 +44,17 @@ def body_mask(image: sitk.Image, threshold_hu: float = BODY_THRESHOLD_HU) -> np.
 
     tissue = sitk.GetArrayViewFromImage(image) > threshold_hu
     axis = long_axis(image)
-    in_plane = np.ones((3, 3, 3), dtype=bool)
-    in_plane[tuple(slice(None) if a != axis else slice(0, 1) for a in range(3))] = False
-    in_plane[tuple(slice(None) if a != axis else slice(2, 3) for a in range(3))] = False
-    opened = ndimage.binary_opening(tissue, structure=in_plane)
-    components, count = ndimage.label(opened)
+    in_plane = [a for a in range(3) if a != axis]
+    opened = _dilate_3x3(_erode_3x3(tissue, in_plane), in_plane)
+    del tissue
+    components, count = _label(opened)
+    del opened
     if count == 0:
-        return np.ones(tissue.shape, dtype=bool)
+        return np.ones(components.shape, dtype=bool)
     sizes = np.bincount(components.reshape(-1))
     sizes[0] = 0
     body = components == int(np.argmax(sizes))
+    del components
     for index in range(body.shape[axis]):
         plane = [slice(None)] * 3
         plane[axis] = index
@@ -62,20 +62,48 @@ def body_mask(image: sitk.Image, threshold_hu: float = BODY_THRESHOLD_HU) -> np.
     return body
 
 
-def mask_probabilities_outside_body(probabilities: np.ndarray, image_on_grid: sitk.Image) -> np.ndarray:
-    """Make every voxel outside the body certain background, in place; returns ``probabilities``.
+def _erode_3x3(mask: np.ndarray, axes) -> np.ndarray:
+    """Binary erosion by a 3 x 3 square spanning ``axes``, voxels beyond the border counting as empty.
 
-    Args:
-        probabilities: class probabilities ``[C, X, Y, Z]`` (MONAI order, class 0
-            the background) on the grid of ``image_on_grid``.
-        image_on_grid: the CT in HU on the network's grid.
-
-    The body is found on the network's grid rather than the full-size image
-    (about 1/14 of the voxels for a 0.8 mm CT and a 3 mm network): the organs
-    lie well inside the skin, and the mask then follows the labels back to the
-    input grid with them.
+    The same result as ``scipy.ndimage.binary_erosion`` with that structure, done as two separable
+    passes of shifted ANDs (about a third of its time on a 512 x 512 x 300 CT).
     """
-    outside = ~body_mask(image_on_grid).transpose(2, 1, 0)
-    probabilities[:, outside] = 0.0
-    probabilities[0, outside] = 1.0
-    return probabilities
+    for axis in axes:
+        out = np.zeros_like(mask)
+        inner = [slice(None)] * 3
+        inner[axis] = slice(1, -1)
+        before, after = list(inner), list(inner)
+        before[axis], after[axis] = slice(0, -2), slice(2, None)
+        np.logical_and(mask[tuple(before)], mask[tuple(inner)], out=out[tuple(inner)])
+        out[tuple(inner)] &= mask[tuple(after)]
+        mask = out
+    return mask
+
+
+def _dilate_3x3(mask: np.ndarray, axes) -> np.ndarray:
+    """Binary dilation by a 3 x 3 square spanning ``axes`` (``scipy.ndimage.binary_dilation``'s result)."""
+    for axis in axes:
+        out = mask.copy()
+        lower, upper = [slice(None)] * 3, [slice(None)] * 3
+        lower[axis], upper[axis] = slice(0, -1), slice(1, None)
+        out[tuple(lower)] |= mask[tuple(upper)]
+        out[tuple(upper)] |= mask[tuple(lower)]
+        mask = out
+    return mask
+
+
+def _label(mask: np.ndarray):
+    """``scipy.ndimage.label`` into uint16 when the regions fit (half the memory of int32), else int32."""
+    from scipy import ndimage
+
+    try:
+        return ndimage.label(mask, output=np.uint16)
+    except RuntimeError:   # more regions than uint16 holds
+        return ndimage.label(mask)
+
+
+def mask_outside_body(labels_zyx: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """``labels_zyx`` (on ``image``'s grid) with every voxel outside the body set to background."""
+    masked = np.array(labels_zyx, copy=True)
+    masked[~body_mask(image)] = 0
+    return masked

@@ -212,13 +212,13 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     """Predict one image file; returns ``(labels_zyx uint8 on the input grid, input sitk.Image)``.
 
     ``mask_body``: set everything outside the patient's trunk to background
-    (:mod:`.body`, found on the network's grid), for models trained on CT in
-    HU; other models are left as predicted.
+    (:mod:`.body`), for models trained on CT in HU; other models are left as
+    predicted.
 
     Cost (``docs/prediction.md``): the full-size volume is read once and
-    resampled once onto the network's grid; everything else runs on that
-    grid, except mapping the labels back, which costs about one
-    nearest-neighbour resampling.
+    resampled once onto the network's grid; the network runs on that grid;
+    mapping the labels back costs about one nearest-neighbour resampling, and
+    the body mask is found on the full grid.
     """
     from monai.data import MetaTensor
 
@@ -232,14 +232,9 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     tensor = torch.as_tensor(np.asarray(prepared.numpy(), dtype=np.float32))
     probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
                                                  overlap=overlap, flip_tta=flip_tta).cpu().numpy()
-    affine = np.asarray(prepared.affine, dtype=np.float64)
+    labels = probabilities_to_input_grid(probabilities, np.asarray(prepared.affine, dtype=np.float64), image)
     if mask_body and model.config.preprocess.intensity == "ct_window":
-        from ..data.preprocess import reference_from_affine
-        from .body import mask_probabilities_outside_body
+        from .body import mask_outside_body
 
-        if not np.allclose(affine, affine_from_sitk(on_grid)) or tuple(tensor.shape[1:]) != on_grid.GetSize():
-            # MONAI chose another grid after all: look for the body on the one the probabilities are on.
-            on_grid = sitk.Resample(image, reference_from_affine(affine, tensor.shape[1:]), sitk.Transform(),
-                                    sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
-        probabilities = mask_probabilities_outside_body(probabilities, on_grid)
-    return probabilities_to_input_grid(probabilities, affine, image), image
+        labels = mask_outside_body(labels, image)   # on the full grid: a coarser one joins arms to the trunk
+    return labels, image

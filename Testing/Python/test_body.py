@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from conftest import SAMPLE_DIR
 
 from ContrastiveSegLib.data.io import read_image, read_label_image, resample_label_image
-from ContrastiveSegLib.engine.body import body_mask, long_axis, mask_probabilities_outside_body
+from ContrastiveSegLib.engine.body import body_mask, long_axis, mask_outside_body
 
 
 def _phantom() -> sitk.Image:
@@ -49,16 +49,17 @@ def test_the_mask_follows_the_patient_axis_not_the_array_axis():
                                   sitk.GetArrayFromImage(sitk.PermuteAxes(expected, [2, 0, 1])).astype(bool))
 
 
-def test_probabilities_outside_the_body_become_background_and_nothing_else_changes():
+def test_labels_outside_the_body_become_background_and_nothing_else_changes():
     image = _phantom()
-    rng = np.random.default_rng(0)
-    probabilities = rng.dirichlet(np.ones(4), size=(40, 40, 6)).transpose(3, 0, 1, 2).astype(np.float32)  # [C, X, Y, Z]
-    original = probabilities.copy()
-    masked = mask_probabilities_outside_body(probabilities, image)
-    inside = _expected().transpose(2, 1, 0)          # (z, y, x) -> (x, y, z)
-    np.testing.assert_array_equal(masked[:, inside], original[:, inside])
-    assert (masked[0, ~inside] == 1).all() and (masked[1:, ~inside] == 0).all()
-    assert masked[0, 36, 15, 2] == 1 and masked[0, 12, 14, 2] == original[0, 12, 14, 2]   # arm out, lung in
+    labels = np.zeros((6, 40, 40), dtype=np.uint8)
+    labels[2, 14, 12] = 1     # in the lung: kept
+    labels[2, 20, 20] = 2     # in the trunk: kept
+    labels[2, 15, 36] = 1     # in the arm: removed
+    labels[2, 2, 2] = 3       # in the air: removed
+    masked = mask_outside_body(labels, image)
+    assert masked[2, 14, 12] == 1 and masked[2, 20, 20] == 2
+    assert masked[2, 15, 36] == 0 and masked[2, 2, 2] == 0
+    assert labels[2, 15, 36] == 1   # the input is not modified
 
 
 def test_an_image_with_no_tissue_masks_nothing():

@@ -164,19 +164,12 @@ def test_organs_predicted_outside_the_body_are_background_unless_asked(trained_r
     path = tmp_path / "with_copy.nii.gz"
     sitk.WriteImage(image, str(path))
     inside = body_mask(image)
-    pasted = np.zeros(inside.shape, dtype=bool)
-    pasted[:, :, image.GetSize()[0] // 2:] = True
-    assert not inside[pasted].any(), "the pasted copy must not be part of the body"
+    assert not inside[:, :, image.GetSize()[0] // 2:].any(), "the pasted copy must not be part of the body"
     masked, _ = predict_image(model, str(path))
     unmasked, _ = predict_image(model, str(path), mask_body=False)
-    assert (unmasked[pasted] > 0).sum() > 500, "the model should find organs in the pasted tissue"
-    assert (masked[pasted] == 0).all()
-    assert ((masked == unmasked) | (masked == 0)).all(), "the mask only removes organs"
-    # The body is found on the network's 4 mm grid: away from its surface (9 mm here) nothing changes.
-    from scipy import ndimage
-
-    deep = ndimage.binary_erosion(inside, iterations=3)
-    np.testing.assert_array_equal(masked[deep], unmasked[deep])
+    assert (unmasked[~inside] > 0).sum() > 500, "the model should find organs in the pasted tissue"
+    assert (masked[~inside] == 0).all()
+    np.testing.assert_array_equal(masked[inside], unmasked[inside])
 
     out = tmp_path / "unmasked.nii.gz"
     result = run_cli(["predict", "--model", trained_run, "--image", path, "--out", out, "--no-body-mask"])
