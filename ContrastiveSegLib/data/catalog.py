@@ -6,6 +6,9 @@ A dataset *spec* (``--data SPEC``) is one of:
   lists its cases under ``"training": [{"image": ..., "label": ...}]``;
   nnU-Net v2 has no list and uses ``imagesTr/<case>_0000<ending>`` with
   ``labelsTr/<case><ending>``;
+  A labels map entry may list label values (for a Slicer ``.seg.nrrd`` label
+  they select those values in every layer) and, for ``.seg.nrrd`` labels,
+  segment names: ``"lung": [5, 6]`` or ``"lung": ["right lung", "left lung"]``;
 * a folder with ``imagesTr/`` + ``labelsTr/`` or ``images/`` + ``labels/``
   subfolders, paired by case id, and a ``labels.json`` with the names (not
   needed when the labels are Slicer ``.seg.nrrd`` files, whose header names
@@ -23,7 +26,8 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
 
 from ..errors import InputError
 from .labels import canonical_name, parse_label_map
@@ -36,15 +40,16 @@ class Case:
     """One scan and (optionally) its label file.
 
     ``label_map`` maps canonical organ names to the label values that mean
-    them in this case's label file; it is empty for ``.seg.nrrd`` labels,
-    whose segments carry their own names.
+    them in this case's label file and, for Slicer ``.seg.nrrd`` labels, to
+    segment names (strings); it is empty for ``.seg.nrrd`` labels given
+    without a labels map, whose segments then name the organs themselves.
     """
 
     case_id: str                      # unique across all datasets of a run: "<dataset>/<case>"
     image: str
     label: Optional[str]
     dataset: str
-    label_map: Dict[str, List[int]] = field(default_factory=dict)
+    label_map: Dict[str, List[Union[int, str]]] = field(default_factory=dict)
     attributes: Dict[str, str] = field(default_factory=dict)
 
 
@@ -52,7 +57,7 @@ class Case:
 class Dataset:
     name: str
     source: str
-    label_map: Dict[str, List[int]]
+    label_map: Dict[str, List[Union[int, str]]]
     cases: List[Case]
 
     def label_names(self) -> List[str]:
@@ -228,7 +233,43 @@ def _make_dataset(name: str, source: str, label_map: Dict[str, List[int]], pairs
         seen[case] = label or image
         cases.append(Case(case_id=f"{name}/{case}", image=image, label=label, dataset=name,
                           label_map=dict(label_map), attributes=dict(attributes)))
+    _check_segment_names(label_map, cases, source)
     return Dataset(name=name, source=source, label_map=label_map, cases=cases)
+
+
+def _check_segment_names(label_map: Dict[str, List[Union[int, str]]], cases: Sequence[Case], source: str) -> None:
+    """Segment names in a labels map need ``.seg.nrrd`` labels, and each must be a segment of at least one.
+
+    Reads the label files' headers only.  A name missing from some files is
+    fine (that case lacks the structure); a name no file has is a typo.
+    """
+    wanted = {entry: name for name, entries in label_map.items() for entry in entries if isinstance(entry, str)}
+    if not wanted:
+        return
+    from .io import _is_seg_nrrd
+    from .segnrrd import segment_names_in_header
+
+    names_by_file: Dict[str, List[str]] = {}
+    for case in cases:
+        if not case.label:
+            continue
+        if not _is_seg_nrrd(Path(case.label)):
+            raise InputError(f"is a plain label map without segment names, but the labels map of {source} names "
+                             f"segments ({', '.join(repr(e) for e in wanted)})", path=case.label,
+                             fix="map that organ to label values instead, e.g. \"lung\": [10, 11], or give "
+                                 "Slicer .seg.nrrd label files")
+        names_by_file[case.label] = segment_names_in_header(case.label)
+    found = {canonical_name(n) for names in names_by_file.values() for n in names}
+    missing = [entry for entry in wanted if canonical_name(entry) not in found]
+    if missing:
+        shown = list(names_by_file.items())[:5]
+        lines = [f"{os.path.basename(path)}: {', '.join(names) or '(no segments)'}" for path, names in shown]
+        if len(names_by_file) > len(shown):
+            lines.append(f"... and {len(names_by_file) - len(shown)} more label file(s)")
+        raise InputError(f"labels map names segment(s) that none of its {len(names_by_file)} label file(s) has: "
+                         + ", ".join(f"{entry!r} (for {wanted[entry]})" for entry in missing), path=source,
+                         details="segment names in the label files:\n" + "\n".join(lines),
+                         fix="use segment names from the list above (case, spaces and dashes do not matter)")
 
 
 def load_datasets(specs: Sequence[str], require_labels: bool = True) -> List[Dataset]:

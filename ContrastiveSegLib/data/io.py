@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from .integrity import check_nifti_file, check_slice_spacing, is_nifti, unreadable_dicom_files
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -191,15 +192,19 @@ def read_image(path: PathLike) -> sitk.Image:
         ``sitk.GetArrayFromImage`` gives its voxels as ``(z, y, x)``.
 
     Raises:
-        InputError: missing path, unreadable or unknown format, a 2D image, an
-        image with a single slice, a 4D image with several volumes, a
-        multi-component (e.g. RGB) image, or NaN / infinite voxels.
+        InputError: missing path, unreadable or unknown format, a truncated
+        NIfTI file, a DICOM series with a damaged file or uneven slice spacing,
+        a 2D image, an image with a single slice, a 4D image with several
+        volumes, a multi-component (e.g. RGB) image, or NaN / infinite voxels
+        (see :mod:`.integrity`).
     """
     path = Path(path)
     _require_exists(path)
     if path.is_dir():
         image = _read_dicom_series(path)
     else:
+        if is_nifti(path):
+            check_nifti_file(path, "image")
         image = _read_with_sitk(path, "an image")
     image = _as_single_volume(image, path, "image")
     components = image.GetNumberOfComponentsPerPixel()
@@ -231,14 +236,34 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         warnings.warn(f"{folder}: holds {len(series_ids)} DICOM series ({counts}); reading the largest, "
                       f"{chosen or '(no id)'}. Put each series in its own folder to choose another.",
                       stacklevel=3)
+    unreadable = unreadable_dicom_files(folder, [f for sid in series_ids for f in files_by_series[sid]])
+    if unreadable:
+        listed = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise InputError(f"holds {len(unreadable)} DICOM file(s) that could not be read (truncated or damaged): "
+                         f"{listed}", path=str(folder),
+                         fix="copy or export the series again; a series with a slice left out would be stacked "
+                             "on the wrong grid")
+    files = files_by_series[chosen]
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files_by_series[chosen])
+    reader.SetFileNames(files)
+    reader.SetMetaDataDictionaryArrayUpdate(True)
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
         raise InputError("holds a DICOM series that could not be read", path=str(folder),
                          details=f"reader said: {_itk_message(error)}",
                          fix="check the series opens in a DICOM viewer (e.g. 3D Slicer's DICOM module)") from None
+    if len(files) > 1 and image.GetDimension() == 3:
+        positions = []
+        for index in range(len(files)):
+            text = reader.GetMetaData(index, "0020|0032") if reader.HasMetaDataKey(index, "0020|0032") else ""
+            try:
+                positions.append([float(v) for v in text.split("\\")])
+            except ValueError:
+                positions.append([])
+        if all(len(p) == 3 for p in positions):
+            check_slice_spacing(folder, files, positions, image.GetDirection()[2::3])
+    return image
 
 
 def _is_seg_nrrd(path: Path) -> bool:
@@ -313,6 +338,8 @@ def read_label_image(path: PathLike) -> LabelImage:
         from .segnrrd import read_seg_nrrd
 
         return read_seg_nrrd(path)
+    if is_nifti(path):
+        check_nifti_file(path, "label map")
     image = _as_single_volume(_read_with_sitk(path, "a label map"), path, "label map")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"has {image.GetNumberOfComponentsPerPixel()} values per voxel; a label map has one",

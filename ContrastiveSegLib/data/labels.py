@@ -64,13 +64,16 @@ def canonical_name(name: str) -> str:
     return ORGAN_SYNONYMS.get(words, words)
 
 
-def parse_label_map(raw: Mapping, source: str) -> Dict[str, List[int]]:
+def parse_label_map(raw: Mapping, source: str) -> Dict[str, List[Union[int, str]]]:
     """A dataset's label map as ``{canonical name: [values]}``, background left out.
 
     Accepts both directions used in the field: MSD's ``{"0": "background",
     "1": "liver"}`` and nnU-Net v2's ``{"background": 0, "liver": 1}``.  A name
     mapped to a list of values means their union (nnU-Net region labels,
-    ``"lung": [10, 11, 12, 13, 14]``).  ``source`` names the file in errors.
+    ``"lung": [10, 11, 12, 13, 14]``).  For Slicer ``.seg.nrrd`` label files an
+    entry may also name segments, alone or mixed with values
+    (``"lung": ["right lung", "left lung"]``): names are kept as strings, after
+    the values.  ``source`` names the file in errors.
     """
     if not isinstance(raw, Mapping) or not raw:
         raise InputError("has no usable 'labels' map", path=source,
@@ -88,10 +91,18 @@ def parse_label_map(raw: Mapping, source: str) -> Dict[str, List[int]]:
         if name == BACKGROUND or values == [0]:
             continue
         if name in names:
-            names[name] = sorted(set(names[name]) | set(values))
+            names[name] = _merge_entries(names[name], values)
         else:
             names[name] = values
     return names
+
+
+def _merge_entries(first: Sequence[Union[int, str]], second: Sequence[Union[int, str]]) -> List[Union[int, str]]:
+    """Label values (sorted) then segment names (in order), without repeats."""
+    entries = list(first) + list(second)
+    values = sorted({e for e in entries if isinstance(e, int)})
+    segment_names = [e for e in dict.fromkeys(entries) if isinstance(e, str)]
+    return values + segment_names
 
 
 def _is_int(text) -> bool:
@@ -102,19 +113,25 @@ def _is_int(text) -> bool:
     return True
 
 
-def _as_value_list(value: Union[int, Sequence[int]], key: str, source: str) -> List[int]:
-    if isinstance(value, bool):
-        raise InputError(f"label {key!r} maps to {value!r}, expected an integer or a list of integers",
-                         path=source)
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool)
-                                                          for v in value):
-        return sorted(set(int(v) for v in value))
-    if isinstance(value, str) and _is_int(value):
-        return [int(value)]
-    raise InputError(f"label {key!r} maps to {value!r}, expected an integer or a list of integers",
-                     path=source)
+def _as_value_list(value: Union[int, str, Sequence[Union[int, str]]], key: str, source: str) -> List[Union[int, str]]:
+    """An entry's label values (ints) and segment names (non-numeric strings), see :func:`parse_label_map`."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    entries: List[Union[int, str]] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            entries.append(int(item))
+        elif isinstance(item, str) and _is_int(item):
+            entries.append(int(item))
+        elif isinstance(item, str) and item.strip():
+            entries.append(item.strip())
+        else:
+            entries = []
+            break
+    if not entries:
+        raise InputError(f"label {key!r} maps to {value!r}, expected label values (integers) or, for Slicer "
+                         ".seg.nrrd labels, segment names", path=source,
+                         fix=f'e.g. "{key}": [5, 6] or "{key}": ["right lung", "left lung"]')
+    return _merge_entries([], entries)
 
 
 def parse_target_names(text: Union[str, Sequence[str]]) -> List[str]:

@@ -27,7 +27,6 @@ import SimpleITK as sitk
 from ..config import PreprocessConfig
 from ..errors import InputError
 from .catalog import Case
-from .labels import canonical_name
 
 # SimpleITK works in LPS, MONAI in RAS: the two differ by the sign of x and y.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -196,14 +195,12 @@ def target_from_label(case: Case, targets: Sequence[str]) -> tuple:
     from .io import read_label_image
 
     label_image = read_label_image(case.label)
-    target = np.zeros(label_image.layers[0].shape, dtype=np.uint8)
     if label_image.segments:
-        for index, name in enumerate(targets, start=1):
-            for segment in label_image.segments:
-                if canonical_name(segment.name) == name:
-                    target[label_image.layers[segment.layer] == segment.label_value] = index
-        return target, label_image
-    known = {value for values in case.label_map.values() for value in values}
+        from .segnrrd import segmentation_targets
+
+        return segmentation_targets(label_image, case.label_map, targets), label_image
+    target = np.zeros(label_image.layers[0].shape, dtype=np.uint8)
+    known = {value for values in case.label_map.values() for value in values if isinstance(value, int)}
     present = label_image.values()
     unknown = sorted(present - known)
     if unknown:
@@ -214,7 +211,7 @@ def target_from_label(case: Case, targets: Sequence[str]) -> tuple:
                          fix="add the missing values to the dataset's labels map, or fix the label file")
     layer = label_image.layers[0]
     for index, name in enumerate(targets, start=1):
-        values = case.label_map.get(name)
+        values = [value for value in case.label_map.get(name, []) if isinstance(value, int)]
         if values:
             target[np.isin(layer, values)] = index
     return target, label_image

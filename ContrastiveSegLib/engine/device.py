@@ -72,11 +72,31 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
+            _import_before_process_group()
             dist.init_process_group(backend=backend)
     return DistributedContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
 
 
+def _import_before_process_group() -> None:
+    """Import ``torch._dynamo`` before the process group exists, so that ``destroy_process_group`` can free it.
+
+    ``DistributedDataParallel`` imports ``torch._dynamo`` when it is built.
+    Imported after ``init_process_group``, it leaves a reference to the group
+    that ``destroy_process_group`` does not drop (measured with torch 2.13 and
+    gloo): the group then outlives teardown with its three native threads
+    (``gloo_tcp_loop`` and two ``pt_gloo_runloop``).  When one of those
+    threads releases its last collective's tensors while the interpreter is
+    shutting down, it must take the GIL; Python ends such a thread with
+    ``pthread_exit``, whose unwinding through a ``noexcept`` C++ frame calls
+    ``std::terminate``: the rank dies with SIGABRT, "terminate called without
+    an active exception", after its work is done.  Imported first, the group
+    is destroyed and its threads joined inside ``destroy_process_group``.
+    """
+    import torch._dynamo  # noqa: F401  (imported for its side effect on teardown, see above)
+
+
 def teardown_distributed(context: DistributedContext) -> None:
+    """Destroy the process group; with ``_import_before_process_group`` this joins its threads."""
     if context.distributed:
         import torch.distributed as dist
 

@@ -4,7 +4,9 @@ The network sees the image on the run's preprocessing grid (RAS, training
 spacing).  Its class probabilities are resampled *in physical space* onto the
 grid of the image as it was given (size, spacing, origin, direction) and only
 then turned into labels (arg-max), so the labelmap lines up with the input in
-any viewer, whatever its orientation.
+any viewer, whatever its orientation.  Only two steps touch the full-size
+volume: one resampling down to the network's grid and one, label-sized,
+back up (``docs/prediction.md`` has the profile).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import PreprocessConfig, RunConfig
 from ..errors import InputError
 from ..models import build_backbone
 from .checkpoint import load_checkpoint
@@ -73,12 +75,11 @@ def run_postprocessing(model_path: str, checkpoint_path: str) -> Optional[Dict]:
 
 
 def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
-                                 overlap: float = 0.5, flip_tta: bool = False, sw_batch_size: int = 2,
+                                 overlap: float = 0.5, sw_batch_size: int = 2,
                                  use_amp: bool = False) -> torch.Tensor:
     """Softmax probabilities ``[C, X, Y, Z]`` for one preprocessed image ``[1, X, Y, Z]``.
 
-    ``flip_tta`` averages the prediction over the 8 combinations of flips of
-    the three axes (each mirrored back), at 8x the cost.
+    Test-time flips are :func:`mirrored_probabilities`' job (only the axes the run trained mirrored).
     """
     from monai.inferers import sliding_window_inference
 
@@ -93,16 +94,7 @@ def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch
         return torch.softmax(logits.float(), dim=1)
 
     with torch.no_grad():
-        if not flip_tta:
-            return infer(batch)[0]
-        total = None
-        flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
-        for dims in flips:
-            x = torch.flip(batch, dims) if dims else batch
-            p = infer(x)
-            p = torch.flip(p, dims) if dims else p
-            total = p if total is None else total + p
-        return (total / len(flips))[0]
+        return infer(batch)[0]
 
 
 def tta_flips(config: RunConfig) -> tuple:
@@ -144,32 +136,116 @@ def mirrored_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size:
     return total / len(combos)
 
 
+# Cells whose 8 corners disagree (organ borders) and points at the rim of the field of view.
+_UNDECIDED = 255
+# Output slices handled at once where probabilities are interpolated point by point (bounds the memory).
+_SLAB_SLICES = 16
+
+
+def network_grid(image: sitk.Image, preprocess: PreprocessConfig) -> sitk.Image:
+    """The grid MONAI's preprocessing puts ``image`` on (orientation, then spacing), without touching a voxel.
+
+    MONAI's own ``Orientation`` and ``Spacing`` run lazily on a placeholder of
+    the image's shape and affine (a zero-stride tensor, no memory), so the grid
+    is exactly the one training used.  Returns an empty ``sitk.Image`` with
+    that geometry (size ``[X, Y, Z]`` of the network's input).
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    from ..data.preprocess import affine_from_sitk, reference_from_affine
+
+    placeholder = MetaTensor(torch.zeros(1, 1, 1, 1).expand(1, *image.GetSize()), affine=affine_from_sitk(image))
+    oriented = Orientation(axcodes=preprocess.orientation, lazy=True)(placeholder)
+    spaced = Spacing(pixdim=tuple(float(s) for s in preprocess.spacing), lazy=True)(oriented)
+    return reference_from_affine(np.asarray(spaced.peek_pending_affine(), dtype=np.float64),
+                                 [int(s) for s in spaced.peek_pending_shape()])
+
+
+def resample_to_network_grid(image: sitk.Image, preprocess: PreprocessConfig) -> sitk.Image:
+    """``image`` resampled (linear, float32) onto :func:`network_grid` in one step.
+
+    Outside the image the nearest voxel is repeated, as MONAI's ``Spacing``
+    pads.  Doing this with SimpleITK on the original image avoids the
+    full-size copies (a re-ordered float array, an oriented copy, the
+    interpolation's own copy) that running MONAI on the full volume makes;
+    the MONAI chain then runs on the small result, where its orientation and
+    spacing steps change nothing.
+    """
+    return sitk.Resample(image, network_grid(image, preprocess), sitk.Transform(), sitk.sitkLinear, 0.0,
+                         sitk.sitkFloat32, True)
+
+
 def probabilities_to_input_grid(probabilities: np.ndarray, affine_ras: np.ndarray,
                                 reference: sitk.Image) -> np.ndarray:
-    """Arg-max labels ``(z, y, x)`` on ``reference``'s grid from probabilities ``[C, X, Y, Z]`` on ``affine_ras``.
+    """Arg-max labels ``(z, y, x)`` uint8 on ``reference``'s grid from probabilities ``[C, X, Y, Z]`` on ``affine_ras``.
 
-    Each class channel is resampled linearly in physical space; the arg-max is
-    kept as a running maximum so memory stays at two volumes of the input size.
-    Voxels outside the network's field of view get background.
+    The result is that of resampling every class channel linearly in physical
+    space onto ``reference`` and taking the arg-max there (points outside the
+    network's field of view: background), at about the cost of one
+    nearest-neighbour resampling of a label map.  Where the 8 network voxels
+    around a point share one arg-max, the interpolated probabilities have that
+    arg-max too (a convex combination keeps ``p_c >= p_k``), so that label is
+    copied; only points in the other cells (organ borders, the rim of the
+    field of view) are interpolated, slab by slab.
     """
     from ..data.preprocess import from_monai_array, reference_from_affine
 
+    classes = probabilities.shape[0]
+    if classes >= _UNDECIDED:
+        raise ValueError(f"at most {_UNDECIDED - 1} classes fit the uint8 labels, got {classes}")
     grid = reference_from_affine(affine_ras, probabilities.shape[1:])
-    best_value = None
-    best_label = None
-    for label in range(probabilities.shape[0]):
-        channel = sitk.GetImageFromArray(from_monai_array(probabilities[label]).astype(np.float32))
-        channel.CopyInformation(grid)
-        default = 1.0 if label == 0 else 0.0
-        resampled = sitk.Resample(channel, reference, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
-        values = sitk.GetArrayFromImage(resampled)
-        if best_value is None:
-            best_value, best_label = values, np.zeros(values.shape, dtype=np.uint8)
-        else:
+    winner = probabilities.argmax(0).astype(np.uint8)   # [X, Y, Z]
+    if min(winner.shape) < 2:
+        labels = np.full(tuple(reversed(reference.GetSize())), _UNDECIDED, dtype=np.uint8)
+    else:
+        x, y, z = winner.shape
+        corners = [winner[a:x - 1 + a, b:y - 1 + b, c:z - 1 + c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+        uniform = np.logical_and.reduce([corner == corners[0] for corner in corners[1:]])
+        cells = sitk.GetImageFromArray(from_monai_array(np.where(uniform, corners[0], _UNDECIDED).astype(np.uint8)))
+        cells.SetSpacing(grid.GetSpacing())
+        cells.SetDirection(grid.GetDirection())
+        cells.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint((0.5, 0.5, 0.5)))  # cell (i,j,k) spans i..i+1
+        labels = sitk.GetArrayFromImage(sitk.Resample(cells, reference, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                      _UNDECIDED, sitk.sitkUInt8))
+    _interpolate_undecided(labels, probabilities, grid, reference)
+    return labels
+
+
+def _interpolate_undecided(labels: np.ndarray, probabilities: np.ndarray, grid: sitk.Image,
+                           reference: sitk.Image) -> None:
+    """Fill the ``_UNDECIDED`` voxels of ``labels`` (z, y, x) with the arg-max of linearly interpolated probabilities.
+
+    Interpolation as ITK's linear resampling does it: a point inside the
+    buffer (continuous index in ``[-0.5, size - 0.5)``) takes the trilinear
+    value with the edge repeated; a point outside gets background.
+    """
+    from scipy.ndimage import map_coordinates
+
+    def index_to_point(image: sitk.Image) -> np.ndarray:
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        return direction * np.asarray(image.GetSpacing(), dtype=np.float64)[None, :]
+
+    to_grid = np.linalg.inv(index_to_point(grid))
+    matrix = to_grid @ index_to_point(reference)
+    offset = to_grid @ (np.asarray(reference.GetOrigin()) - np.asarray(grid.GetOrigin()))
+    size = np.asarray(probabilities.shape[1:], dtype=np.float64)[:, None]
+    for start in range(0, labels.shape[0], _SLAB_SLICES):
+        slab = labels[start:start + _SLAB_SLICES]
+        zz, yy, xx = np.nonzero(slab == _UNDECIDED)
+        if zz.size == 0:
+            continue
+        points = matrix @ np.stack([xx, yy, zz + start]).astype(np.float64) + offset[:, None]   # grid (x, y, z)
+        inside = np.all((points >= -0.5) & (points < size - 0.5), axis=0)
+        best_label = np.zeros(zz.size, dtype=np.uint8)
+        best_value = np.full(zz.size, -np.inf, dtype=np.float32)
+        for label in range(probabilities.shape[0]):
+            values = np.full(zz.size, 1.0 if label == 0 else 0.0, dtype=np.float32)
+            values[inside] = map_coordinates(probabilities[label], points[:, inside], order=1, mode="nearest")
             better = values > best_value
-            best_value = np.where(better, values, best_value)
             best_label[better] = label
-    return best_label
+            best_value[better] = values[better]
+        slab[zz, yy, xx] = best_label
 
 
 def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, flip_tta: bool = False,
@@ -181,6 +257,11 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     ``mask_body``: set everything outside the patient's trunk to background
     (:mod:`.body`), for models trained on CT in HU; other models are left as predicted.
     The run's post-processing decision, if it has one, is applied last.
+
+    Cost (``docs/prediction.md``): the full-size volume is read once and
+    resampled once onto the network's grid; the network runs on that grid;
+    mapping the labels back costs about one nearest-neighbour resampling, and
+    the body mask is found on the full grid.
     """
     from monai.data import MetaTensor
 
@@ -188,8 +269,8 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     from ..data.preprocess import affine_from_sitk, build_preprocess_transform, to_monai_array
 
     image = read_image(image_path) if image is None else image
-    data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(image).astype(np.float32)),
-                                affine=affine_from_sitk(image))}
+    on_grid = resample_to_network_grid(image, model.config.preprocess)
+    data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(on_grid)), affine=affine_from_sitk(on_grid))}
     prepared = build_preprocess_transform(model.config.preprocess, pad_to=None, with_label=False)(data)["image"]
     tensor = torch.as_tensor(np.asarray(prepared.numpy(), dtype=np.float32))
     if flip_tta:
@@ -199,11 +280,12 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     else:
         probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
                                                      overlap=overlap)
-    labels = probabilities_to_input_grid(probabilities.cpu().numpy(), np.asarray(prepared.affine), image)
+    labels = probabilities_to_input_grid(probabilities.cpu().numpy(), np.asarray(prepared.affine, dtype=np.float64),
+                                         image)
     if mask_body and model.config.preprocess.is_ct():
         from .body import mask_outside_body
 
-        labels = mask_outside_body(labels, image)
+        labels = mask_outside_body(labels, image)   # on the full grid: a coarser one joins arms to the trunk
     return apply_run_postprocessing(labels, model), image
 
 

@@ -74,10 +74,14 @@ def run_cli(args, cwd=None, env=None, timeout=600):
                           timeout=timeout)
 
 
-def run_torchrun(args, processes=2, timeout=600):
-    """``torchrun --standalone --nproc_per_node N -m ContrastiveSegLib ARGS`` on the CPU (gloo), one thread a rank."""
-    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "ContrastiveSegLib"] + [str(a) for a in args]
+def run_torchrun(args, processes=2, timeout=600, script=None):
+    """``torchrun --standalone --nproc_per_node N -m ContrastiveSegLib ARGS`` on the CPU (gloo), one thread a rank.
+
+    ``script``: run this Python file in every rank instead of the command line.
+    """
+    entry = [str(script)] if script else ["-m", "ContrastiveSegLib"]
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] + entry + \
+        [str(a) for a in args]
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores

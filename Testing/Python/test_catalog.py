@@ -23,8 +23,10 @@ def test_label_map_both_directions_and_regions():
 
 
 def test_label_map_rejects_nonsense():
-    with pytest.raises(InputError, match="x.json.*expected an integer"):
-        parse_label_map({"liver": "abc"}, "x.json")
+    with pytest.raises(InputError, match="x.json.*expected label values"):
+        parse_label_map({"liver": [1.5]}, "x.json")
+    with pytest.raises(InputError, match="x.json.*expected label values"):
+        parse_label_map({"liver": []}, "x.json")
     with pytest.raises(InputError, match="no usable 'labels'"):
         parse_label_map({}, "x.json")
 

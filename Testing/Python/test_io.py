@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import TINY_ARGS, run_cli, write_dataset
 
 from ContrastiveSegLib.data import io as io_module
 from ContrastiveSegLib.data.io import (
@@ -378,3 +379,147 @@ def test_read_image_does_not_warn_for_a_single_series():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_image(SAMPLE / "heldout" / "ct_dicom")
+
+
+# --------------------------------------------------------------------------- damaged files (data/integrity.py)
+
+def truncated_copy(source: Path, target: Path, keep: float = 0.5) -> Path:
+    """The first ``keep`` share of the bytes of ``source``, as a half-finished copy would leave."""
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * keep)])
+    return target
+
+
+def test_truncated_nifti_image_is_refused_though_simpleitk_reads_it(tmp_path):
+    broken = truncated_copy(SAMPLE / "abdomen_ct.nii.gz", tmp_path / "half.nii.gz")
+    zeros = float(np.mean(sitk.GetArrayFromImage(sitk.ReadImage(str(broken))) == 0))
+    assert zeros > 0.4  # what goes wrong without the check: the missing half reads as zeros, silently
+    with pytest.raises(InputError, match="truncated compressed NIfTI image") as caught:
+        read_image(broken)
+    assert str(broken) in str(caught.value) and "What to do" in str(caught.value)
+    uncompressed = tmp_path / "full.nii"
+    sitk.WriteImage(sitk.ReadImage(str(SAMPLE / "abdomen_ct.nii.gz")), str(uncompressed))
+    with pytest.raises(InputError, match="50 % of the voxels are missing"):
+        read_image(truncated_copy(uncompressed, tmp_path / "half.nii"))
+
+
+def test_truncated_nifti_label_map_is_refused(tmp_path):
+    broken = truncated_copy(SAMPLE / "abdomen_ct_labels.nii.gz", tmp_path / "labels.nii.gz", keep=0.8)
+    with pytest.raises(InputError, match="truncated compressed NIfTI label map") as caught:
+        read_label_image(broken)
+    assert str(broken) in str(caught.value)
+
+
+def test_complete_nifti_in_two_gzip_members_is_accepted(tmp_path):
+    """A complete file whose gzip trailer does not state the whole size (concatenated members) is read."""
+    raw = gzip.decompress((SAMPLE / "abdomen_ct.nii.gz").read_bytes())
+    two_members = tmp_path / "two.nii.gz"
+    two_members.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    expected = sitk.GetArrayFromImage(read_image(SAMPLE / "abdomen_ct.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(two_members)), expected)
+
+
+def _sample_ct_piece_with(values: dict, pixel_type=sitk.sitkFloat32) -> sitk.Image:
+    image = sitk.ReadImage(str(SAMPLE / "abdomen_ct.nii.gz"), pixel_type)[:, :, :6]
+    array = sitk.GetArrayFromImage(image)
+    for index, value in values.items():
+        array[index] = value
+    result = sitk.GetImageFromArray(array)
+    result.CopyInformation(image)
+    return result
+
+
+def test_nan_and_infinite_voxels_in_nifti_image_and_label_are_refused(tmp_path):
+    image_path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(_sample_ct_piece_with({(1, 2, 3): np.nan, (4, 5, 6): np.inf}), str(image_path))
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(image_path)))).all()  # ITK zero-fills them
+    with pytest.raises(InputError, match="2 of 73932 voxels that are NaN or infinite") as caught:
+        read_image(image_path)
+    assert str(image_path) in str(caught.value)
+    label = sitk.ReadImage(str(SAMPLE / "abdomen_ct_labels.nii.gz"), sitk.sitkFloat32)[:, :, :6]
+    array = sitk.GetArrayFromImage(label)
+    array[2, 50, 60] = -np.inf
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(label)
+    label_path = tmp_path / "labels.nii"
+    sitk.WriteImage(broken, str(label_path))
+    with pytest.raises(InputError, match="1 of 73932 voxels that are NaN or infinite") as caught:
+        read_label_image(label_path)
+    assert str(label_path) in str(caught.value)
+
+
+def write_ct_series(folder: Path, heights_mm) -> list:
+    """Slices of the sample CT as a DICOM series, slice k at height ``heights_mm[k]``; returns the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = sitk.ReadImage(str(SAMPLE / "abdomen_ct.nii.gz"))
+    hu = sitk.GetArrayFromImage(ct).astype(np.int16)
+    spacing = ct.GetSpacing()
+    files = []
+    for k, height in enumerate(heights_mm):
+        image = sitk.GetImageFromArray(hu[k])
+        image.SetSpacing(spacing[:2])
+        tags = {
+            "0008|0060": "CT", "0010|0020": "TEST", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.7", "0020|0013": str(k + 1),
+            "0020|0032": f"0\\0\\{height:g}", "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}", "0008|0018": f"1.2.826.0.1.3680043.2.1125.8.{k}",
+        }
+        for tag, value in tags.items():
+            image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        path = folder / f"slice{k:03d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(image)
+        files.append(path)
+    return files
+
+
+def test_dicom_series_with_a_truncated_slice_is_refused(tmp_path):
+    files = write_ct_series(tmp_path / "series", [3.0 * k for k in range(8)])
+    assert read_image(tmp_path / "series").GetSize() == (122, 101, 8)
+    truncated_copy(files[4], files[4])
+    with pytest.raises(InputError, match=r"1 DICOM file\(s\) that could not be read .*slice004.dcm") as caught:
+        read_image(tmp_path / "series")
+    assert str(tmp_path / "series") in str(caught.value)
+
+
+def test_dicom_series_with_uneven_slice_spacing_names_the_gap(tmp_path):
+    write_ct_series(tmp_path / "gap", [0.0, 3.0, 6.0, 9.0, 15.0, 18.0, 21.0, 24.0])
+    with pytest.raises(InputError, match=r"most slices are 3 mm apart, but slice003.dcm \(at 9 mm\) and "
+                                         r"slice004.dcm \(at 15 mm\) are 6 mm apart") as caught:
+        read_image(tmp_path / "gap")
+    assert str(tmp_path / "gap") in str(caught.value)
+    write_ct_series(tmp_path / "rounded", [0.0, 3.0, 6.01, 9.0, 12.0])  # scanner rounding is not a gap
+    assert read_image(tmp_path / "rounded").GetSize() == (122, 101, 5)
+
+
+def _damage(kind: str, path: Path) -> None:
+    """Make the NIfTI file at ``path`` truncated or give it a NaN voxel (as float32)."""
+    if kind == "truncated":
+        truncated_copy(path, path, keep=0.6)
+        return
+    image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[3, 40, 40] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(path))
+
+
+@pytest.mark.parametrize("damaged", ["image", "label"])
+@pytest.mark.parametrize("kind", ["truncated", "nan"])
+def test_damaged_training_file_stops_finetune_before_anything_is_written(tmp_path, sample_pieces,
+                                                                         sample_label_map, damaged, kind):
+    folder = Path(write_dataset(str(tmp_path / "data"), {"upper": sample_pieces["upper"],
+                                                         "lower": sample_pieces["lower"]}, sample_label_map))
+    broken = folder / ("imagesTr" if damaged == "image" else "labelsTr") / "lower.nii.gz"
+    _damage(kind, broken)
+    run = tmp_path / "run"
+    result = run_cli(["finetune", "--data", folder, "--labels", "liver", "--out", run, "--max-steps", "1"]
+                     + TINY_ARGS)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(broken) in result.stderr
+    assert ("truncated" if kind == "truncated" else "NaN or infinite") in result.stderr
+    # Refused while reading the cases: no config, weights or labels; at most the error event is recorded.
+    assert (sorted(p.name for p in run.iterdir()) if run.exists() else []) in ([], ["events.jsonl"])

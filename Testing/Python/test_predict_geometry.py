@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +105,22 @@ def test_predict_errors(trained_run, tmp_path, sample_dir):
     assert result.returncode == 2 and "2D" in result.stderr
 
 
+def test_damaged_images_stop_predict_before_anything_is_written(trained_run, sample_dir, tmp_path):
+    from test_io import truncated_copy, write_ct_series
+
+    half = truncated_copy(Path(sample_dir) / "abdomen_ct.nii.gz", tmp_path / "half.nii.gz")
+    slices = write_ct_series(tmp_path / "series", [3.0 * k for k in range(8)])
+    truncated_copy(slices[5], slices[5])
+    write_ct_series(tmp_path / "gap", [0.0, 3.0, 6.0, 12.0, 15.0, 18.0])
+    for image, message in ((half, "truncated"), (tmp_path / "series", "slice005.dcm"),
+                           (tmp_path / "gap", "6 mm apart")):
+        out = tmp_path / "prediction.seg.nrrd"
+        result = run_cli(["predict", "--model", trained_run, "--image", image, "--out", out])
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert str(image) in result.stderr and message in result.stderr
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".prediction")]
+
+
 def test_nan_image_is_refused_by_finetune(tmp_path, sample_pieces, sample_label_map):
     image, label = sample_pieces["upper"]
     array = sitk.GetArrayFromImage(image)
@@ -158,3 +175,62 @@ def test_organs_predicted_outside_the_body_are_background_unless_asked(trained_r
     result = run_cli(["predict", "--model", trained_run, "--image", path, "--out", out, "--no-body-mask"])
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), unmasked)
+
+
+def _per_channel_reference(probabilities: np.ndarray, affine: np.ndarray, reference: sitk.Image) -> np.ndarray:
+    """The plain definition: every class channel resampled linearly onto ``reference``, then the arg-max."""
+    from ContrastiveSegLib.data.preprocess import from_monai_array, reference_from_affine
+
+    grid = reference_from_affine(affine, probabilities.shape[1:])
+    channels = []
+    for label in range(probabilities.shape[0]):
+        channel = sitk.GetImageFromArray(from_monai_array(probabilities[label]))
+        channel.CopyInformation(grid)
+        channels.append(sitk.GetArrayFromImage(sitk.Resample(channel, reference, sitk.Transform(), sitk.sitkLinear,
+                                                             1.0 if label == 0 else 0.0, sitk.sitkFloat32)))
+    return np.argmax(np.stack(channels), axis=0).astype(np.uint8)
+
+
+def test_labels_on_the_input_grid_equal_resampling_every_probability_channel():
+    """Copying labels inside cells whose corners agree, and interpolating only the rest, changes no voxel."""
+    from scipy import ndimage
+
+    from ContrastiveSegLib.engine.inference import probabilities_to_input_grid
+
+    rng = np.random.default_rng(0)
+    logits = ndimage.gaussian_filter(rng.normal(size=(4, 30, 26, 20)), sigma=(0, 3, 3, 3)) * 40
+    probabilities = np.exp(logits - logits.max(0))
+    probabilities = (probabilities / probabilities.sum(0)).astype(np.float32)
+    turn = 0.3   # an oblique network grid, 3 x 3 x 4 mm
+    affine = np.array([[-3 * np.cos(turn), 3 * np.sin(turn), 0, 40], [3 * np.sin(turn), 3 * np.cos(turn), 0, -20],
+                       [0, 0, 4, 5], [0, 0, 0, 1.0]])
+    reference = sitk.Image([70, 64, 50], sitk.sitkUInt8)   # finer, axes swapped and z flipped, reaching outside
+    reference.SetSpacing((1.3, 1.1, 1.7))
+    reference.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+    reference.SetOrigin((-60, -70, 80))
+    expected = _per_channel_reference(probabilities, affine, reference)
+    assert min(np.bincount(expected.ravel(), minlength=4)) > 30000   # every class, and background outside
+    np.testing.assert_array_equal(probabilities_to_input_grid(probabilities, affine, reference), expected)
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 3.0, 3.0), (2.2, 1.7, 3.5)])
+def test_network_grid_is_the_grid_monai_preprocessing_makes(sample_dir, spacing):
+    from monai.data import MetaTensor
+
+    from ContrastiveSegLib.config import PreprocessConfig
+    from ContrastiveSegLib.data.preprocess import affine_from_sitk, build_preprocess_transform, to_monai_array
+    from ContrastiveSegLib.engine.inference import resample_to_network_grid
+
+    config = PreprocessConfig()
+    config.spacing = spacing
+    image = sitk.ReadImage(f"{sample_dir}/abdomen_ct.nii.gz", sitk.sitkFloat32)[:, :, 5:25]
+    for copy in (image, sitk.Flip(image, [True, False, True]), sitk.PermuteAxes(image, [2, 0, 1])):
+        full = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(copy)), affine=affine_from_sitk(copy))}
+        expected = build_preprocess_transform(config, with_label=False)(full)["image"]
+        on_grid = resample_to_network_grid(copy, config)
+        small = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(on_grid)),
+                                     affine=affine_from_sitk(on_grid))}
+        result = build_preprocess_transform(config, with_label=False)(small)["image"]
+        assert tuple(result.shape) == tuple(expected.shape)
+        np.testing.assert_allclose(np.asarray(result.affine), np.asarray(expected.affine), atol=1e-6)
+        np.testing.assert_allclose(result.numpy(), expected.numpy(), atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +238,86 @@ def test_plain_nrrd_labelmap_is_not_a_segmentation():
         pytest.skip(f"shared test data not found at {path}")
     labels = read_label_image(path)
     assert labels.segments == [] and labels.values() == {1}
+
+
+# --------------------------------------------------------------------------- a dataset's labels map on .seg.nrrd labels
+
+SAMPLE = REPO_ROOT / "ContrastiveSegLib" / "sample_data"
+# Sample label values (TotalSegmentator) and the segment names a Slicer user might give them.
+SEGMENTS = {1: "Spleen", 5: "Liver", 10: "left upper lobe", 11: "left lower lobe", 14: "right lower lobe"}
+
+
+def _sample_labels():
+    label = sitk.ReadImage(str(SAMPLE / "abdomen_ct_labels.nii.gz"))
+    array = sitk.GetArrayFromImage(label)
+    return np.where(np.isin(array, list(SEGMENTS)), array, 0).astype(np.uint8), label
+
+
+def _seg_nrrd_dataset(folder: Path, labels_map: dict, two_layers: bool):
+    """A one-case dataset.json: the sample CT with a real .seg.nrrd of its organs (layer 1: a lesion, value 5)."""
+    from ContrastiveSegLib.data.catalog import load_dataset
+
+    organs, reference = _sample_labels()
+    segments = [SegmentInfo(name, value, 0) for value, name in SEGMENTS.items()]
+    layers = [organs]
+    if two_layers:
+        lesion = np.zeros_like(organs)
+        lesion[10:20, 40:60, 20:50] = 5   # across the liver's edge: some voxels inside it, some outside
+        layers.append(lesion)
+        segments.append(SegmentInfo("lesion", 5, 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_seg_nrrd(folder / "case.seg.nrrd", layers, reference, segments)
+    (folder / "dataset.json").write_text(json.dumps({
+        "labels": labels_map,
+        "training": [{"image": str(SAMPLE / "abdomen_ct.nii.gz"), "label": "case.seg.nrrd"}]}))
+    return load_dataset(str(folder / "dataset.json")), layers
+
+
+@pytest.mark.parametrize("two_layers", [False, True])
+def test_labels_map_values_select_segments_in_every_layer(tmp_path, two_layers):
+    from ContrastiveSegLib.data.preprocess import target_from_label
+
+    dataset, layers = _seg_nrrd_dataset(tmp_path, {"background": 0, "lung": [10, 11, 14], "liver": 5}, two_layers)
+    target, _ = target_from_label(dataset.cases[0], ["lung", "liver"])
+    np.testing.assert_array_equal(target == 1, np.isin(layers[0], [10, 11, 14]))
+    liver = np.logical_or.reduce([layer == 5 for layer in layers])
+    np.testing.assert_array_equal(target == 2, liver & ~np.isin(layers[0], [10, 11, 14]))
+    assert (target == 1).sum() > 4000 and (target == 2).sum() > 38000
+    if two_layers:
+        assert (target == 2).sum() > (layers[0] == 5).sum()  # the lesion's value-5 voxels outside the liver count
+
+
+@pytest.mark.parametrize("two_layers", [False, True])
+def test_labels_map_segment_names_select_those_segments(tmp_path, two_layers):
+    from ContrastiveSegLib.data.preprocess import target_from_label
+
+    labels_map = {"lung": ["Left Upper Lobe", "left-lower lobe", "right lower lobe"],
+                  "liver": ["liver", "lesion"] if two_layers else ["liver"], "spleen": [1]}
+    dataset, layers = _seg_nrrd_dataset(tmp_path, labels_map, two_layers)
+    assert dataset.label_map["lung"] == ["Left Upper Lobe", "left-lower lobe", "right lower lobe"]
+    target, _ = target_from_label(dataset.cases[0], ["lung", "liver", "spleen"])
+    np.testing.assert_array_equal(target == 1, np.isin(layers[0], [10, 11, 14]))
+    liver = layers[0] == 5
+    if two_layers:
+        liver = liver | (layers[1] == 5)
+    np.testing.assert_array_equal(target == 2, liver & ~np.isin(layers[0], [1, 10, 11, 14]))  # later targets win
+    np.testing.assert_array_equal(target == 3, layers[0] == 1)
+
+
+def test_segment_name_found_nowhere_lists_the_files_segments(tmp_path):
+    with pytest.raises(InputError, match=r"none of its 1 label file\(s\) has: 'right lung' \(for lung\)") as caught:
+        _seg_nrrd_dataset(tmp_path, {"lung": ["right lung", "left upper lobe"], "liver": 5}, two_layers=True)
+    message = str(caught.value)
+    assert str(tmp_path / "dataset.json") in message
+    assert "case.seg.nrrd: Spleen, Liver, left upper lobe, left lower lobe, right lower lobe, lesion" in message
+
+
+def test_segment_names_on_a_plain_label_map_are_refused(tmp_path, sample_label_map):
+    from ContrastiveSegLib.data.catalog import load_dataset
+
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "labels": {"liver": ["Liver"]},
+        "training": [{"image": str(SAMPLE / "abdomen_ct.nii.gz"), "label": str(SAMPLE / "abdomen_ct_labels.nii.gz")}]}))
+    with pytest.raises(InputError, match="plain label map without segment names") as caught:
+        load_dataset(str(tmp_path / "dataset.json"))
+    assert "abdomen_ct_labels.nii.gz" in str(caught.value)

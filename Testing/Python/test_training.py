@@ -149,3 +149,39 @@ def test_torchrun_two_cpu_processes_only_rank_zero_writes(tmp_path, tiny_dataset
     assert sorted(os.listdir(run / "checkpoints")) == ["best.pt", "last.pt"]
     assert load_checkpoint(str(run / "checkpoints" / "last.pt"))["step"] == 3
     shutil.rmtree(run)
+
+
+# Each rank trains one DDP step inside the engine's distributed context, then lists its native threads.
+_TEARDOWN_SCRIPT = """
+import os
+import torch
+from ContrastiveSegLib.engine.device import distributed
+
+def train_one_step():
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
+    model(torch.ones(2, 3)).sum().backward()
+
+with distributed("cpu") as context:
+    assert context.world_size == 2
+    train_one_step()
+task_folder = f"/proc/{os.getpid()}/task"
+names = sorted(open(os.path.join(task_folder, task, "comm")).read().strip() for task in os.listdir(task_folder))
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"threads_{context.rank}.txt"), "w") as handle:
+    handle.write(" ".join(names))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc (Linux)")
+def test_torchrun_teardown_joins_the_process_group_threads(tmp_path):
+    """After the distributed context ends, no gloo thread may be left running into interpreter exit.
+
+    A group left alive (DDP imports torch._dynamo after init_process_group) keeps three gloo threads
+    that can abort a finished rank at exit ("terminate called without an active exception").
+    """
+    script = tmp_path / "teardown.py"
+    script.write_text(_TEARDOWN_SCRIPT, encoding="utf-8")
+    result = run_torchrun([], script=script, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads_{rank}.txt").read_text(encoding="utf-8").split()
+        assert "python" in threads and not [name for name in threads if "gloo" in name], (rank, threads)
