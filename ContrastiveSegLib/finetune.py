@@ -20,7 +20,7 @@ from .data.catalog import Case, check_target_names, load_datasets
 from .data.labels import output_label_map
 from .data.preprocess import CasePreparer, PreparedCase
 from .data.sampling import PatchSampler, SupervisedPatches, kfold_split, select_labeled_fraction
-from .engine.checkpoint import load_pretrained_weights
+from .engine.checkpoint import InitReport, load_pretrained_weights
 from .engine.device import DistributedContext, distributed
 from .engine.events import EventLog
 from .engine.inference import sliding_window_probabilities
@@ -75,6 +75,16 @@ def make_validator(cases: Sequence[PreparedCase], targets: Sequence[str], patch_
     return validate
 
 
+def initialise_encoder(backbone: torch.nn.Module, checkpoint: str, run: RunFolder, events: EventLog,
+                       is_main: bool) -> InitReport:
+    """Load ``checkpoint``'s encoder into ``backbone``; say so in the events and ``RUN/init_report.json``."""
+    report = load_pretrained_weights(backbone, checkpoint, encoder_only=True)
+    events.message(f"--init {checkpoint}: {report.summary()}")
+    if is_main:
+        write_json_atomic(os.path.join(run.root, "init_report.json"), {"checkpoint": checkpoint, **report.to_dict()})
+    return report
+
+
 def run_finetune(config: RunConfig, out: str, resume: bool = False, events_stdout: bool = False,
                  listeners: Iterable[Callable[[dict], None]] = (), progress: bool = True) -> Dict:
     """Fine-tune (or train from scratch) as ``config`` says, into the run folder ``out``."""
@@ -122,12 +132,7 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
     torch.manual_seed(config.train.seed)  # the initial weights are part of what a seed reproduces
     backbone = build_backbone(config.model)
     if config.init_checkpoint and not resume:
-        loaded, not_loaded = load_pretrained_weights(backbone, config.init_checkpoint, encoder_only=True)
-        events.message(f"--init {config.init_checkpoint}: loaded {len(loaded)} encoder tensors, "
-                       f"{len(not_loaded)} left at their initial values")
-        if context.is_main:
-            write_json_atomic(os.path.join(run.root, "init_report.json"),
-                              {"checkpoint": config.init_checkpoint, "loaded": loaded, "not_loaded": not_loaded})
+        initialise_encoder(backbone, config.init_checkpoint, run, events, context.is_main)
     if context.is_main:
         from .report.colors import colors_for
 

@@ -59,7 +59,7 @@ from .engine.events import EventLog, read_events
 from .engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
 from .engine.trainer import Trainer
 from .errors import InputError
-from .finetune import make_validator, split_cases
+from .finetune import initialise_encoder, make_validator, split_cases
 from .methods.selftrain import DEFAULTS, JointPairs, SelfTrainingObjective, check_settings
 from .methods.supervised import SupervisedObjective
 from .models import build_backbone
@@ -597,12 +597,7 @@ class _SelfTraining:
             torch.manual_seed(int(np.random.default_rng([config.train.seed, 7, stage.round]).integers(2**62)))
         backbone = build_backbone(config.model)
         if fresh and stage.round == 0 and self.init_mode == "encoder":
-            loaded, not_loaded = load_pretrained_weights(backbone, config.init_checkpoint, encoder_only=True)
-            self.events.message(f"--init {config.init_checkpoint}: loaded {len(loaded)} encoder tensors, "
-                                f"{len(not_loaded)} left at their initial values")
-            if self.context.is_main:
-                write_json_atomic(os.path.join(self.run.root, "init_report.json"),
-                                  {"checkpoint": config.init_checkpoint, "loaded": loaded, "not_loaded": not_loaded})
+            initialise_encoder(backbone, config.init_checkpoint, self.run, self.events, self.context.is_main)
         elif fresh and stage.round > 0:
             backbone.load_state_dict(self._best_so_far())
         length = config.train.max_steps * config.train.batch_size * config.train.grad_accumulation
