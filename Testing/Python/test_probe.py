@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, tiny_config
+from conftest import run_cli, tiny_config, write_dataset
 
 from ContrastiveSegLib.data.preprocess import PreparedCase
 from ContrastiveSegLib.finetune import run_finetune
@@ -143,9 +143,17 @@ def test_position_shares_of_an_encoder_name_every_level():
     assert all(0.0 <= value <= 1.0 for value in shares.values())
 
 
-def test_probe_cli_random_encoder_and_a_finetuned_one(tmp_path, tiny_dataset):
-    common = ["--data", tiny_dataset, "--test-data", tiny_dataset, "--labels", "liver,spleen",
-              "--voxels-per-class", "200", "--position-patches", "4"]
+@pytest.fixture(scope="module")
+def one_case_dataset(tmp_path_factory, sample_pieces, sample_label_map) -> str:
+    """One real CT piece: the probe fits and scores on it (only the plumbing is tested here)."""
+    return write_dataset(str(tmp_path_factory.mktemp("probe") / "one"), {"upper": sample_pieces["upper"]},
+                         sample_label_map)
+
+
+@pytest.mark.slow  # two encoders on a real CT piece, one through a subprocess
+def test_probe_cli_random_encoder_and_a_finetuned_one(tmp_path, one_case_dataset):
+    common = ["--data", one_case_dataset, "--test-data", one_case_dataset, "--labels", "liver,spleen",
+              "--voxels-per-class", "200", "--position-patches", "2"]
     shape = ["--model", "unet", "--model-size", "tiny", "--patch", "32,32,16", "--spacing", "6,6,6"]
     result = run_cli(["probe", "--init", "none", "--out", tmp_path / "none.json"] + common + shape)
     assert result.returncode == 0, result.stderr
@@ -155,16 +163,17 @@ def test_probe_cli_random_encoder_and_a_finetuned_one(tmp_path, tiny_dataset):
     assert written["training_voxels"] == {"background": 200, "liver": 200, "spleen": 200}
 
     run = tmp_path / "run"
-    run_finetune(tiny_config([tiny_dataset], ["liver"], max_steps=1), str(run), progress=False)
+    run_finetune(tiny_config([one_case_dataset], ["liver"], max_steps=1), str(run), progress=False)
     # The network and preprocessing come from the checkpoint when not given.
-    written = run_probe(str(run / "checkpoints" / "last.pt"), [tiny_dataset], [tiny_dataset], ["liver", "spleen"],
-                        settings=ProbeSettings(voxels_per_class=200, position_patches=4), progress=False)
+    written = run_probe(str(run / "checkpoints" / "last.pt"), [one_case_dataset], [one_case_dataset],
+                        ["liver", "spleen"], settings=ProbeSettings(voxels_per_class=200, position_patches=2),
+                        progress=False)
     assert written["model"]["architecture"] == "unet" and written["preprocess"]["spacing"] == (6.0, 6.0, 6.0)
     assert written["init_report"]["loaded"] > 0
 
 
-def test_probe_cli_refuses_an_unknown_organ(tmp_path, tiny_dataset):
-    result = run_cli(["probe", "--init", "none", "--data", tiny_dataset, "--test-data", tiny_dataset,
+def test_probe_cli_refuses_an_unknown_organ(tmp_path, one_case_dataset):
+    result = run_cli(["probe", "--init", "none", "--data", one_case_dataset, "--test-data", one_case_dataset,
                       "--labels", "liver,unicorn", "--out", tmp_path / "p.json"])
     assert result.returncode == 2
     assert "unicorn" in result.stderr
