@@ -52,6 +52,15 @@ def _add_common_training_arguments(parser: argparse.ArgumentParser, default_step
                         help="also print every event as one JSON line on stdout (progress bar on stderr)")
 
 
+def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """How fast a (pre-trained) encoder may change while the rest of the network trains."""
+    parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
+                        help="the encoder trains at S x --lr (default: 0.1 with --init, so fine-tuning does not "
+                             "erase the pre-training; 1.0 without)")
+    parser.add_argument("--freeze-encoder-steps", type=int, default=0, metavar="K",
+                        help="keep the encoder fixed for the first K steps while the decoder adapts (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--fold", type=int, default=0, help="which fold validates (0-based)")
     finetune.add_argument("--init", default=None, metavar="CKPT", help="initialise the encoder from this checkpoint")
     _add_common_training_arguments(finetune, default_steps=2000)
+    _add_encoder_arguments(finetune)
 
     pretrain = commands.add_parser("pretrain", help="contrastive pre-training on labelled datasets (MixCL or GCL)",
                                    description="Pre-train the network's encoder with MixCL or GCL on one or more "
@@ -133,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="any other self-training setting (an unknown key lists them all)")
     _add_common_training_arguments(selftrain, default_steps=1000,
                                    steps_help="optimisation steps of EACH stage: the baseline and every round")
+    _add_encoder_arguments(selftrain)
 
     predict = commands.add_parser("predict", help="segment an image with a trained run",
                                   description="Sliding-window prediction, written on the input image's own grid.")
@@ -215,6 +226,8 @@ def _training_config(args: argparse.Namespace, command: str):
                  "num_workers", "val_every", "checkpoint_every"):
         setattr(train, name, getattr(args, name))
     train.amp = not args.no_amp
+    if command in ("finetune", "selftrain"):
+        _set_encoder_training(train, args)
     if train.max_steps < 1 or train.batch_size < 1 or train.grad_accumulation < 1:
         raise InputError("--max-steps, --batch-size and --grad-accumulation must be at least 1", path="command line")
     config.device = args.device
@@ -255,6 +268,16 @@ def _training_config(args: argparse.Namespace, command: str):
                                            contrastive_weight=args.contrastive_weight,
                                            agreement_threshold=args.agreement_threshold)
     return config
+
+
+def _set_encoder_training(train, args: argparse.Namespace) -> None:
+    if args.encoder_lr_scale is not None and args.encoder_lr_scale < 0:
+        raise InputError(f"{args.encoder_lr_scale} is negative", path="--encoder-lr-scale",
+                         fix="give a factor of 0 or more (0 keeps the encoder fixed for the whole run)")
+    if args.freeze_encoder_steps < 0:
+        raise InputError(f"{args.freeze_encoder_steps} is negative", path="--freeze-encoder-steps")
+    train.encoder_lr_scale = args.encoder_lr_scale
+    train.freeze_encoder_steps = args.freeze_encoder_steps
 
 
 def _cmd_finetune(args) -> int:

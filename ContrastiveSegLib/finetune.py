@@ -75,14 +75,11 @@ def make_validator(cases: Sequence[PreparedCase], targets: Sequence[str], patch_
     return validate
 
 
-def initialise_encoder(backbone: torch.nn.Module, checkpoint: str, run: RunFolder, events: EventLog,
-                       is_main: bool) -> InitReport:
-    """Load ``checkpoint``'s encoder into ``backbone``; say so in the events and ``RUN/init_report.json``."""
-    report = load_pretrained_weights(backbone, checkpoint, encoder_only=True)
+def report_init(checkpoint: str, report: InitReport, run: RunFolder, events: EventLog, is_main: bool) -> None:
+    """Say what ``--init`` loaded: a message event and ``RUN/init_report.json``."""
     events.message(f"--init {checkpoint}: {report.summary()}")
     if is_main:
         write_json_atomic(os.path.join(run.root, "init_report.json"), {"checkpoint": checkpoint, **report.to_dict()})
-    return report
 
 
 def run_finetune(config: RunConfig, out: str, resume: bool = False, events_stdout: bool = False,
@@ -113,6 +110,8 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
 
     config.model.out_channels = len(targets) + 1
     config.model.validate()
+    # Stored resolved, so config.json says at which rate the encoder trained.
+    config.train.encoder_lr_scale = config.train.resolved_encoder_lr_scale(bool(config.init_checkpoint))
     preparer = CasePreparer(config.preprocess, targets, pad_to=config.model.patch_size,
                             cache_dir=config.data.cache_dir)
     prepared_train = preparer.prepare_all(train_cases, progress=progress and context.is_main)
@@ -124,15 +123,19 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
         warnings.warn("no validation cases (a single labelled case, or none held out): best.pt is not written and "
                       "prediction uses the last checkpoint. Give --val-data or more cases to validate.")
 
+    torch.manual_seed(config.train.seed)  # the initial weights are part of what a seed reproduces
+    backbone = build_backbone(config.model)
+    init_report = None
+    if config.init_checkpoint and not resume:  # before the run folder: a checkpoint that does not fit writes nothing
+        init_report = load_pretrained_weights(backbone, config.init_checkpoint, encoder_only=True)
+
     run.create()
     events = EventLog(run.events, to_stdout=events_stdout, enabled=context.is_main)
     for listener in listeners:
         events.listeners.append(listener)
     labels = output_label_map(targets)
-    torch.manual_seed(config.train.seed)  # the initial weights are part of what a seed reproduces
-    backbone = build_backbone(config.model)
-    if config.init_checkpoint and not resume:
-        initialise_encoder(backbone, config.init_checkpoint, run, events, context.is_main)
+    if init_report is not None:
+        report_init(config.init_checkpoint, init_report, run, events, context.is_main)
     if context.is_main:
         from .report.colors import colors_for
 
@@ -148,7 +151,7 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
     if prepared_val:
         validate = make_validator(prepared_val, targets, config.model.patch_size, config.train.sw_overlap)
     trainer = Trainer(run, config, SupervisedObjective(backbone), dataset, context, events, kind="finetune",
-                      labels=labels, validate=validate)
+                      labels=labels, validate=validate, encoder_initialised=bool(config.init_checkpoint))
     summary = trainer.fit(resume=resume)
     summary["run_dir"] = run.root
     return summary
