@@ -26,7 +26,7 @@ copy of all the channels is ever held.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -66,7 +66,6 @@ class LinearProbe:
 
     weight: torch.Tensor
     bias: torch.Tensor
-    level_channels: List[int] = field(default_factory=list)
 
 
 # --- encoder -----------------------------------------------------------------------------------------
@@ -178,8 +177,7 @@ def features_at_voxels(levels: Sequence[torch.Tensor], voxels: torch.Tensor, gri
 
 # --- the linear classifier ---------------------------------------------------------------------------
 def fit_linear_probe(features: torch.Tensor, classes: torch.Tensor, num_classes: int, l2: float = 1e-2,
-                     max_iterations: int = 300,
-                     level_channels: Sequence[int] = ()) -> LinearProbe:
+                     max_iterations: int = 300) -> LinearProbe:
     """Multinomial logistic regression (cross-entropy + ``l2 / 2 * |W|^2``) by full-batch L-BFGS.
 
     Args:
@@ -214,7 +212,7 @@ def fit_linear_probe(features: torch.Tensor, classes: torch.Tensor, num_classes:
         optimiser.step(closure)
     weight, bias = weight.detach(), bias.detach()
     raw_weight = weight / scale
-    return LinearProbe(raw_weight, bias - raw_weight @ mean, list(level_channels))
+    return LinearProbe(raw_weight, bias - raw_weight @ mean)
 
 
 def predict_volume(probe: LinearProbe, levels: Sequence[torch.Tensor], grid: Sequence[int],
@@ -279,18 +277,15 @@ def linear_probe_dice(train_cases: Sequence[PreparedCase], test_cases: Sequence[
     rows = np.concatenate(chosen, axis=0)
     classes = torch.as_tensor(np.concatenate([np.full(len(c), k) for k, c in enumerate(chosen)]))
     blocks: Dict[int, torch.Tensor] = {}
-    level_channels: List[int] = []
     for index, case in enumerate(train_cases):
         mine = np.flatnonzero(rows[:, 0] == index)
         if len(mine):
             levels, grid = featurize(case.image)
-            level_channels = [int(level.shape[0]) for level in levels]
             blocks[index] = features_at_voxels(levels, torch.as_tensor(rows[mine, 1:]), grid)
-    features = torch.zeros(len(rows), sum(level_channels), dtype=torch.float32)
+    features = torch.zeros(len(rows), next(iter(blocks.values())).shape[1], dtype=torch.float32)
     for index, block in blocks.items():
         features[np.flatnonzero(rows[:, 0] == index)] = block
-    probe = fit_linear_probe(features, classes, num_classes, l2=settings.l2,
-                             max_iterations=settings.max_iterations, level_channels=level_channels)
+    probe = fit_linear_probe(features, classes, num_classes, l2=settings.l2, max_iterations=settings.max_iterations)
 
     names = {index: name for index, name in enumerate(targets, start=1)}
     per_case = {}
