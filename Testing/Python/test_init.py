@@ -197,5 +197,7 @@ def test_stop_and_resume_across_the_unfreezing_is_exact(tmp_path, tiny_dataset, 
     resumed = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))
     for key in straight["model"]:
         torch.testing.assert_close(straight["model"][key], resumed["model"][key], rtol=1e-5, atol=1e-6, msg=key)
-    assert [g["lr"] for g in resumed["optimizer"]["param_groups"]] == \
-        [g["lr"] for g in straight["optimizer"]["param_groups"]]
+    groups = resumed["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["encoder", "rest"]
+    assert groups[0]["initial_lr"] == pytest.approx(0.3 * groups[1]["initial_lr"])
+    assert [g["lr"] for g in groups] == [g["lr"] for g in straight["optimizer"]["param_groups"]]
