@@ -50,11 +50,17 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/models/backbones.py
   ContrastiveSegLib/models/factory.py
   ContrastiveSegLib/pretrain.py
+  ContrastiveSegLib/probe.py
   ContrastiveSegLib/report/__init__.py
   ContrastiveSegLib/report/colors.py
   ContrastiveSegLib/report/curves.py
   ContrastiveSegLib/report/overlay.py
-  ContrastiveSegLib/selftrain.py
+  ContrastiveSegLib/selftrain/__init__.py
+  ContrastiveSegLib/selftrain/baseline.py
+  ContrastiveSegLib/selftrain/pseudo_labels.py
+  ContrastiveSegLib/selftrain/run.py
+  ContrastiveSegLib/selftrain/stages.py
+  ContrastiveSegLib/selftrain/unlabeled.py
   )
 
 set(CONTRASTIVESEG_ENGINE_RESOURCES

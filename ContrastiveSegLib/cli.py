@@ -81,6 +81,15 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                              "helps; predict applies the decision (default: validation)")
 
 
+def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """How fast a (pre-trained) encoder may change while the rest of the network trains."""
+    parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
+                        help="the encoder trains at S x --lr (default: 0.1 with --init, so fine-tuning does not "
+                             "erase the pre-training; 1.0 without)")
+    parser.add_argument("--freeze-encoder-steps", type=int, default=0, metavar="K",
+                        help="keep the encoder fixed for the first K steps while the decoder adapts (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--init", default=None, metavar="CKPT", help="initialise the encoder from this checkpoint")
     _add_common_training_arguments(finetune, default_steps=2000)
     _add_supervised_recipe_arguments(finetune)
+    _add_encoder_arguments(finetune)
 
     pretrain = commands.add_parser("pretrain", help="contrastive pre-training on labelled datasets (MixCL or GCL)",
                                    description="Pre-train the network's encoder with MixCL or GCL on one or more "
@@ -163,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="any other self-training setting (an unknown key lists them all)")
     _add_common_training_arguments(selftrain, default_steps=1000,
                                    steps_help="optimisation steps of EACH stage: the baseline and every round")
+    _add_encoder_arguments(selftrain)
 
     predict = commands.add_parser("predict", help="segment an image with a trained run",
                                   description="Sliding-window prediction, written on the input image's own grid.")
@@ -193,6 +204,36 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(default: the same names as the prediction)")
     evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
     evaluate.add_argument("--hd95", action="store_true", help="also compute the 95th-percentile Hausdorff distance (mm)")
+
+    probe = commands.add_parser("probe", help="linear-probe Dice and position share of a frozen encoder",
+                                description="The standard check of a pre-trained encoder: freeze it, fit a linear "
+                                            "classifier (logistic regression) on its features of all levels on "
+                                            "the training cases, score per-organ Dice on the test cases, and "
+                                            "measure how much of each level's feature variance voxel position "
+                                            "in the patch explains alone. Writes JSON.")
+    probe.add_argument("--init", required=True, metavar="CKPT|none",
+                       help="a pretrain, finetune or selftrain checkpoint, or 'none' for a random encoder (--seed)")
+    probe.add_argument("--data", action="append", required=True, metavar="SPEC",
+                       help="labelled dataset(s) the classifier is fitted on (repeatable)")
+    probe.add_argument("--test-data", action="append", required=True, metavar="SPEC",
+                       help="labelled dataset(s) Dice is scored on (repeatable)")
+    probe.add_argument("--labels", required=True, metavar="NAMES", help="organs by name, comma-separated")
+    probe.add_argument("--model", choices=["unetr", "unet"], default=None,
+                       help="backbone (default: the checkpoint's; with --init none: unetr)")
+    probe.add_argument("--model-size", choices=["tiny", "small", "base"], default=None,
+                       help="network width (default: the checkpoint's; with --init none: base)")
+    probe.add_argument("--patch", default=None, help="window in voxels, multiples of 16 (default: the checkpoint's, or 96)")
+    probe.add_argument("--spacing", default=None, metavar="SX,SY,SZ",
+                       help="voxel spacing in mm (default: the checkpoint's, or 1.5,1.5,2.0)")
+    probe.add_argument("--intensity", choices=["ct_window", "percentile"], default=None,
+                       help="intensity normalisation (default: the checkpoint's, or ct_window)")
+    probe.add_argument("--window", default=None, metavar="LOW,HIGH", help="CT window in HU (default: the checkpoint's, or -150,250)")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the voxel sample, the patches and --init none (default: 0)")
+    probe.add_argument("--voxels-per-class", type=int, default=2000, help="training voxels per class (default: 2000)")
+    probe.add_argument("--position-patches", type=int, default=32,
+                       help="patches the position share is measured on (default: 32)")
+    probe.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N (default: cpu)")
+    probe.add_argument("--out", required=True, metavar="JSON", help="write the result here")
 
     commands.add_parser("info", help="versions, CUDA and devices")
 
@@ -264,6 +305,8 @@ def _training_config(args: argparse.Namespace, command: str):
                  "num_workers", "val_every", "checkpoint_every"):
         setattr(train, name, getattr(args, name))
     train.amp = not args.no_amp
+    if command in ("finetune", "selftrain"):
+        _set_encoder_training(train, args)
     if train.max_steps < 1 or train.batch_size < 1 or train.grad_accumulation < 1:
         raise InputError("--max-steps, --batch-size and --grad-accumulation must be at least 1", path="command line")
     config.device = args.device
@@ -319,6 +362,16 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
                          fix="write e.g. --mirror-axes 1,2")
     config.train.mirror_axes = axes
     config.postprocess.choose_on = args.postprocess_on
+
+
+def _set_encoder_training(train, args: argparse.Namespace) -> None:
+    if args.encoder_lr_scale is not None and args.encoder_lr_scale < 0:
+        raise InputError(f"{args.encoder_lr_scale} is negative", path="--encoder-lr-scale",
+                         fix="give a factor of 0 or more (0 keeps the encoder fixed for the whole run)")
+    if args.freeze_encoder_steps < 0:
+        raise InputError(f"{args.freeze_encoder_steps} is negative", path="--freeze-encoder-steps")
+    train.encoder_lr_scale = args.encoder_lr_scale
+    train.freeze_encoder_steps = args.freeze_encoder_steps
 
 
 def _cmd_finetune(args) -> int:
@@ -422,6 +475,38 @@ def _label_table_from_any(path: str):
     return load_label_table(path)
 
 
+def _cmd_probe(args) -> int:
+    from .data.labels import parse_target_names
+    from .engine.runfolder import check_writable_folder, write_json_atomic
+    from .finetune import parse_patch, parse_spacing
+    from .probe import ProbeSettings, run_probe
+
+    check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
+    window = None
+    if args.window is not None:
+        try:
+            window = tuple(float(v) for v in args.window.split(","))
+        except ValueError:
+            window = ()
+        if len(window) != 2:
+            raise InputError(f"{args.window!r} is not LOW,HIGH", path="--window", fix="write e.g. --window -150,250")
+    model = {"architecture": args.model, "size": args.model_size,
+             "patch_size": parse_patch(args.patch) if args.patch else None}
+    preprocess = {"spacing": parse_spacing(args.spacing) if args.spacing else None, "intensity": args.intensity,
+                  "window": window}
+    settings = ProbeSettings(seed=args.seed, voxels_per_class=args.voxels_per_class,
+                             position_patches=args.position_patches)
+    result = run_probe(args.init, args.data, args.test_data, parse_target_names(args.labels), model=model,
+                       preprocess=preprocess, settings=settings, device=args.device)
+    write_json_atomic(args.out, result)
+    shares = ", ".join(f"{k} {v:.3f}" for k, v in result["position_share"].items() if v is not None)
+    print(f"probe Dice: mean {result['dice']['mean']:.4f} ("
+          + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items() if k != "mean" and v is not None)
+          + f"); position share: {shares}", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_info(args) -> int:
     import torch
 
@@ -485,7 +570,7 @@ def _cmd_demo(args) -> int:
 
 COMMANDS = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "selftrain": _cmd_selftrain,
             "predict": _cmd_predict, "evaluate": _cmd_evaluate, "info": _cmd_info,
-            "demo": _cmd_demo, "study": _cmd_study}
+            "demo": _cmd_demo, "study": _cmd_study, "probe": _cmd_probe}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

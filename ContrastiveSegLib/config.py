@@ -91,6 +91,17 @@ class TrainConfig:
     # p = 0.5; the left-right axis only when the targets' left/right pairs can be swapped
     # (data.views.lateral_swap).  predict --tta flips exactly these axes.
     mirror_axes: Tuple[int, ...] = ()
+    # Fine-tuning that keeps a pre-trained encoder: its parameters train at encoder_lr_scale x lr
+    # (None: 0.1 when the encoder was loaded with --init, else 1.0), and not at all for the first
+    # freeze_encoder_steps steps.
+    encoder_lr_scale: Optional[float] = None
+    freeze_encoder_steps: int = 0
+
+    def resolved_encoder_lr_scale(self, encoder_initialised: bool) -> float:
+        """The encoder's learning-rate factor: the explicit one, else 0.1 after ``--init``, else 1.0."""
+        if self.encoder_lr_scale is not None:
+            return float(self.encoder_lr_scale)
+        return 0.1 if encoder_initialised else 1.0
 
 
 @dataclass

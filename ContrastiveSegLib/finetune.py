@@ -20,7 +20,7 @@ from .data.catalog import Case, check_target_names, load_datasets
 from .data.labels import output_label_map
 from .data.preprocess import CasePreparer, PreparedCase
 from .data.sampling import PatchSampler, SupervisedPatches, kfold_split, select_labeled_fraction
-from .engine.checkpoint import load_pretrained_weights
+from .engine.checkpoint import InitReport, load_pretrained_weights
 from .engine.device import DistributedContext, distributed
 from .engine.events import EventLog
 from .engine.inference import sliding_window_probabilities
@@ -150,6 +150,13 @@ def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch
     return decision
 
 
+def report_init(checkpoint: str, report: InitReport, run: RunFolder, events: EventLog, is_main: bool) -> None:
+    """Say what ``--init`` loaded: a message event and ``RUN/init_report.json``."""
+    events.message(f"--init {checkpoint}: {report.summary()}")
+    if is_main:
+        write_json_atomic(os.path.join(run.root, "init_report.json"), {"checkpoint": checkpoint, **report.to_dict()})
+
+
 def run_finetune(config: RunConfig, out: str, resume: bool = False, events_stdout: bool = False,
                  listeners: Iterable[Callable[[dict], None]] = (), progress: bool = True) -> Dict:
     """Fine-tune (or train from scratch) as ``config`` says, into the run folder ``out``."""
@@ -180,6 +187,8 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
     config.model.validate()
     prepare_intensity_statistics(config, train_cases, targets)
     augmentation = mirroring(config, targets)
+    # Stored resolved, so config.json says at which rate the encoder trained.
+    config.train.encoder_lr_scale = config.train.resolved_encoder_lr_scale(bool(config.init_checkpoint))
     preparer = CasePreparer(config.preprocess, targets, pad_to=config.model.patch_size,
                             cache_dir=config.data.cache_dir)
     prepared_train = preparer.prepare_all(train_cases, progress=progress and context.is_main)
@@ -191,20 +200,19 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
         warnings.warn("no validation cases (a single labelled case, or none held out): best.pt is not written and "
                       "prediction uses the last checkpoint. Give --val-data or more cases to validate.")
 
+    torch.manual_seed(config.train.seed)  # the initial weights are part of what a seed reproduces
+    backbone = build_backbone(config.model)
+    init_report = None
+    if config.init_checkpoint and not resume:  # before the run folder: a checkpoint that does not fit writes nothing
+        init_report = load_pretrained_weights(backbone, config.init_checkpoint, encoder_only=True)
+
     run.create()
     events = EventLog(run.events, to_stdout=events_stdout, enabled=context.is_main)
     for listener in listeners:
         events.listeners.append(listener)
     labels = output_label_map(targets)
-    torch.manual_seed(config.train.seed)  # the initial weights are part of what a seed reproduces
-    backbone = build_backbone(config.model)
-    if config.init_checkpoint and not resume:
-        loaded, not_loaded = load_pretrained_weights(backbone, config.init_checkpoint, encoder_only=True)
-        events.message(f"--init {config.init_checkpoint}: loaded {len(loaded)} encoder tensors, "
-                       f"{len(not_loaded)} left at their initial values")
-        if context.is_main:
-            write_json_atomic(os.path.join(run.root, "init_report.json"),
-                              {"checkpoint": config.init_checkpoint, "loaded": loaded, "not_loaded": not_loaded})
+    if init_report is not None:
+        report_init(config.init_checkpoint, init_report, run, events, context.is_main)
     if context.is_main:
         from .report.colors import colors_for
 
@@ -220,7 +228,7 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
     if prepared_val:
         validate = make_validator(prepared_val, targets, config.model.patch_size, config.train.sw_overlap)
     trainer = Trainer(run, config, SupervisedObjective(backbone), dataset, context, events, kind="finetune",
-                      labels=labels, validate=validate)
+                      labels=labels, validate=validate, encoder_initialised=bool(config.init_checkpoint))
     summary = trainer.fit(resume=resume)
     if context.is_main and not summary["stopped"]:
         choose_run_postprocessing(config, run, backbone, validate, prepared_val, prepared_train, targets)

@@ -14,13 +14,13 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
 from ..data.sampling import StepSampler
 from ..errors import InputError
 from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -44,6 +44,37 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+def parameter_groups(objective: nn.Module, train: TrainConfig, encoder_lr_scale: float
+                     ) -> Tuple[List[Dict[str, Any]], List[Callable[[int], float]]]:
+    """AdamW parameter groups and their learning-rate factors (one per group, for ``LambdaLR``).
+
+    Group ``"encoder"`` holds the backbone's encoder parameters (its
+    ``encoder_parameter_prefixes``) at ``encoder_lr_scale x lr``; group
+    ``"rest"`` holds the decoder, the output layer and any method heads at
+    ``lr``.  Both follow the warm-up + cosine schedule; the encoder's factor is
+    0 for the first ``train.freeze_encoder_steps`` steps.  A zero learning
+    rate freezes AdamW's update exactly (the decoupled weight decay is
+    ``lr x weight_decay`` too) while the gradients still flow, so every rank
+    of a DDP run keeps the same set of parameters with gradients; Adam's
+    moment estimates do see the frozen steps' gradients.
+    """
+    backbone = getattr(objective, "backbone", None)
+    prefixes = tuple("backbone." + p for p in backbone.encoder_parameter_prefixes()) if backbone is not None else ()
+    encoder, rest = [], []
+    for name, parameter in objective.named_parameters():
+        if parameter.requires_grad:
+            (encoder if prefixes and name.startswith(prefixes) else rest).append(parameter)
+    schedule = warmup_cosine(train.warmup_steps, train.max_steps)
+    frozen = int(train.freeze_encoder_steps)
+
+    def encoder_factor(step: int) -> float:
+        return 0.0 if step < frozen else schedule(step)
+
+    groups = [{"params": encoder, "lr": train.lr * encoder_lr_scale, "name": "encoder"},
+              {"params": rest, "lr": train.lr, "name": "rest"}]
+    return groups, [encoder_factor, schedule]
+
+
 class Trainer:
     """Runs ``objective`` on ``dataset`` for ``config.train.max_steps`` optimisation steps.
 
@@ -58,11 +89,14 @@ class Trainer:
         labels: the output label table stored in checkpoints.
         validate: optional ``fn(backbone, step) -> {"dice": {...}, "mean_dice": float}``, run on rank 0.
         collate: optional DataLoader collate function.
+        encoder_initialised: the backbone's encoder was loaded from a checkpoint (``--init``);
+            it then trains at 0.1 x lr unless ``train.encoder_lr_scale`` says otherwise.
     """
 
     def __init__(self, run: RunFolder, config: RunConfig, objective: nn.Module, dataset: Dataset,
                  context: DistributedContext, events: EventLog, kind: str, labels: Dict[str, str],
-                 validate: Optional[ValidateFn] = None, collate: Optional[Callable] = None):
+                 validate: Optional[ValidateFn] = None, collate: Optional[Callable] = None,
+                 encoder_initialised: bool = False):
         self.run = run
         self.config = config
         self.train_config = config.train
@@ -80,10 +114,11 @@ class Trainer:
         self.use_amp = bool(self.train_config.amp) and device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (self.use_amp and torch.cuda.is_bf16_supported()) else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.optimizer = torch.optim.AdamW([p for p in self.objective.parameters() if p.requires_grad],
-                                           lr=self.train_config.lr, weight_decay=self.train_config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.train_config.warmup_steps, self.train_config.max_steps))
+        self.encoder_lr_scale = self.train_config.resolved_encoder_lr_scale(encoder_initialised)
+        groups, factors = parameter_groups(self.objective, self.train_config, self.encoder_lr_scale)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.train_config.lr,
+                                           weight_decay=self.train_config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factors)
 
     # --- state ------------------------------------------------------------------------------------------
     def _backbone(self) -> nn.Module:
@@ -211,7 +246,8 @@ class Trainer:
                         logs_sum[key] = logs_sum.get(key, 0.0) + float(value) / train.grad_accumulation
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.optimizer.param_groups[1]["lr"]
+                encoder_lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 self.step += 1
                 window_steps += 1
@@ -220,7 +256,7 @@ class Trainer:
                 if elapsed > 30:  # a sliding window keeps the rate current
                     window_start, window_steps = time.time(), 0
                 eta = (train.max_steps - self.step) / rate if rate > 0 else None
-                self.events.emit("step", step=self.step, total=train.max_steps, loss=loss_sum, lr=lr,
+                self.events.emit("step", step=self.step, total=train.max_steps, loss=loss_sum, lr=lr, encoder_lr=encoder_lr,
                                  steps_per_s=rate, eta_s=eta, losses=logs_sum)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}")

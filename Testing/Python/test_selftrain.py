@@ -489,3 +489,24 @@ def test_torchrun_two_cpu_processes_selftrain(tmp_path, selftrain_data):
     summary = json.loads((run / "pseudo_labels" / "round_1" / "summary.json").read_text())
     assert summary["volumes"] == 2
     assert (run / "checkpoints" / "last.pt").exists()
+
+
+def test_body_mask_on_the_network_grid_keeps_the_body_and_drops_air_and_padding():
+    import SimpleITK as sitk
+
+    from ContrastiveSegLib.data.preprocess import affine_from_sitk
+    from ContrastiveSegLib.engine.body import body_mask
+    from ContrastiveSegLib.selftrain import body_mask_on_grid
+
+    hu = np.full((10, 40, 40), -1000.0, dtype=np.float32)   # (z, y, x): air
+    hu[:, 10:30, 8:32] = 20.0                                 # the trunk
+    hu[:, 36:39, 2:38] = 300.0                                # a table, detached from the trunk
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((2.0, 2.0, 3.0))
+    affine = affine_from_sitk(image)
+    same_grid = body_mask_on_grid(image, affine, (40, 40, 10))
+    assert np.array_equal(same_grid, np.transpose(body_mask(image), (2, 1, 0)))
+    assert same_grid[20, 20, 5] and not same_grid[20, 37, 5] and not same_grid[1, 1, 5]
+    # A grid larger than the scan (padding at the far end): the padding is outside the body.
+    padded = body_mask_on_grid(image, affine, (48, 40, 12))
+    assert np.array_equal(padded[:40, :, :10], same_grid) and not padded[40:].any() and not padded[:, :, 10:].any()
