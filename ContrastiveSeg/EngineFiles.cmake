@@ -10,6 +10,7 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/config.py
   ContrastiveSegLib/data/__init__.py
   ContrastiveSegLib/data/catalog.py
+  ContrastiveSegLib/data/integrity.py
   ContrastiveSegLib/data/io.py
   ContrastiveSegLib/data/labels.py
   ContrastiveSegLib/data/meta_labels.py
@@ -27,6 +28,7 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/engine/events.py
   ContrastiveSegLib/engine/inference.py
   ContrastiveSegLib/engine/metrics.py
+  ContrastiveSegLib/engine/postprocess.py
   ContrastiveSegLib/engine/runfolder.py
   ContrastiveSegLib/engine/trainer.py
   ContrastiveSegLib/errors.py
@@ -46,6 +48,7 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/methods/mixcl.py
   ContrastiveSegLib/methods/selftrain.py
   ContrastiveSegLib/methods/supervised.py
+  ContrastiveSegLib/methods/term_gradients.py
   ContrastiveSegLib/models/__init__.py
   ContrastiveSegLib/models/backbones.py
   ContrastiveSegLib/models/factory.py
@@ -61,6 +64,12 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/selftrain/run.py
   ContrastiveSegLib/selftrain/stages.py
   ContrastiveSegLib/selftrain/unlabeled.py
+  ContrastiveSegLib/study/__init__.py
+  ContrastiveSegLib/study/design.py
+  ContrastiveSegLib/study/report.py
+  ContrastiveSegLib/study/runner.py
+  ContrastiveSegLib/study/scoring.py
+  ContrastiveSegLib/study/statistics.py
   )
 
 set(CONTRASTIVESEG_ENGINE_RESOURCES

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.sampling import PatchSampler, intensity_augment
+from ..data.sampling import PatchSampler
+from ..data.views import intensity_augment
 from ..errors import InputError
 from ..losses import class_prototypes, prototype_contrastive_loss, sample_anchors
 

@@ -23,7 +23,7 @@ from ..engine.events import EventLog, read_events
 from ..engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
 from ..engine.trainer import Trainer
 from ..errors import InputError
-from ..finetune import make_validator, report_init, split_cases
+from ..finetune import make_validator, mirroring, prepare_intensity_statistics, report_init, split_cases
 from ..methods.selftrain import DEFAULTS, JointPairs, SelfTrainingObjective, check_settings
 from ..methods.supervised import SupervisedObjective
 from ..models import build_backbone
@@ -132,6 +132,8 @@ class _SelfTraining(BaselineStage, PseudoLabelStage):
 
     def _prepare(self) -> None:
         config, show = self.config, self.progress and self.context.is_main
+        # ct_zscore: the labelled cases' foreground statistics, once per run (kept on resume).
+        prepare_intensity_statistics(config, self.train_cases, self.targets)
         preparer = CasePreparer(config.preprocess, self.targets, pad_to=config.model.patch_size,
                                 cache_dir=config.data.cache_dir)
         self.prepared_train = preparer.prepare_all(self.train_cases, progress=show)
@@ -350,7 +352,8 @@ class _SelfTraining(BaselineStage, PseudoLabelStage):
         labeled = PatchSampler(self.prepared_train, config.model.patch_size, config.train.foreground_ratio)
         if stage.round == 0:
             objective = SupervisedObjective(backbone)
-            dataset = SupervisedPatches(labeled, config.train.seed, length, augment=True)
+            dataset = SupervisedPatches(labeled, config.train.seed, length, augment=True,
+                                        **mirroring(config, self.targets))
         else:
             kept = pseudo[0]
             objective = SelfTrainingObjective(backbone, contrastive_weight=settings["contrastive_weight"],

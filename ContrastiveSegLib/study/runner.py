@@ -483,7 +483,12 @@ def check_label_files(plan: StudyPlan, data: LoadedData, log: Callable[[str], No
     from ..data.preprocess import CasePreparer
 
     log(f"checking and preprocessing {len(data.pool)} labelled and {len(data.test)} test case(s)")
-    preparer = CasePreparer(plan.config.preprocess, plan.targets, pad_to=plan.config.model.patch_size,
+    preprocess = plan.config.preprocess
+    if preprocess.intensity == "ct_zscore" and not preprocess.intensity_stats:
+        # Each cell computes ct_zscore statistics from its own training subset; reading and checking
+        # every file does not depend on them.
+        preprocess = dataclasses.replace(preprocess, intensity="ct_window")
+    preparer = CasePreparer(preprocess, plan.targets, pad_to=plan.config.model.patch_size,
                             cache_dir=plan.config.data.cache_dir)
     for case in list(data.pool.values()) + list(data.test):
         preparer.prepare(case)
