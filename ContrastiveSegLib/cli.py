@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--gpus", default=None, metavar="0,1,...",
                        help="run cells in parallel, one process per GPU (default: one after another on --device)")
     _add_common_training_arguments(study, default_steps=0, omit=STUDY_SETS_ITSELF)
+    _add_supervised_recipe_arguments(study)
+    _add_encoder_arguments(study)
     return parser
 
 

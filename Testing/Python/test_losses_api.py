@@ -9,11 +9,13 @@ import pytest
 import ContrastiveSegLib.losses as losses
 
 SIGNATURES = {
-    "identity_loss": "(z1, z2, lambd=0.0051, normalization='l2', distributed=None, eps=1e-08)",
+    # Options added later come last, with defaults that keep the pinned formula.
+    "identity_loss": "(z1, z2, lambd=0.0051, normalization='l2', distributed=None, eps=1e-08, reduction='sum')",
     "cross_correlation": "(z1, z2, normalization='l2', distributed=None, eps=1e-08)",
     "flatten_feature_map": "(features)",
     "label_contrastive_loss": (
-        "(z1, y1, z2, y2, tau=0.1, background=0, reduction='paper', tile_size=4096, checkpoint=True)"
+        "(z1, y1, z2, y2, tau=0.1, background=0, reduction='paper', tile_size=4096, checkpoint=True, "
+        "background_negatives=False, groups1=None, groups2=None)"
     ),
     "boundary_weight_map": "(mask, mu=8.0, eps=0.05)",
     "sample_boundary_weighted": "(label, r, mu=8.0, eps=0.05, background=0, generator=None)",
