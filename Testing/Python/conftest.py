@@ -14,6 +14,11 @@ import SimpleITK as sitk
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE_DIR = os.path.join(REPO_ROOT, "ContrastiveSegLib", "sample_data")
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
+# The sample CT, its labels and their label table, as the MRML and Slicer-logic tests use them.
+SAMPLE_IMAGE = os.path.join(SAMPLE_DIR, "abdomen_ct.nii.gz")
+SAMPLE_LABELS = os.path.join(SAMPLE_DIR, "abdomen_ct_labels.nii.gz")
+with open(os.path.join(SAMPLE_DIR, "dataset.json"), encoding="utf-8") as _handle:
+    SAMPLE_LABEL_TABLE = json.load(_handle)["labels"]
 
 
 @pytest.fixture(scope="session")

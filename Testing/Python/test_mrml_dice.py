@@ -1,6 +1,5 @@
 """Per-organ Dice tables (vtkMRMLTableNode) against an independent numpy computation."""
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import slicer
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "ContrastiveSeg"))
 
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS  # noqa: E402
 from ContrastiveSegJob.labels import normalize_label_table  # noqa: E402
 from ContrastiveSegMRML import (  # noqa: E402
     DICE_TABLE_COLUMNS,
@@ -25,10 +25,7 @@ from ContrastiveSegMRML import (  # noqa: E402
     read_volume,
 )
 
-SAMPLE = REPO / "ContrastiveSegLib" / "sample_data"
-IMAGE = SAMPLE / "abdomen_ct.nii.gz"
-LABELS = SAMPLE / "abdomen_ct_labels.nii.gz"
-LABEL_TABLE = json.loads((SAMPLE / "dataset.json").read_text())["labels"]
+IMAGE, LABELS, LABEL_TABLE = Path(SAMPLE_IMAGE), Path(SAMPLE_LABELS), SAMPLE_LABEL_TABLE
 VOXEL_ML = 3.0 * 3.0 * 3.0 / 1000.0  # the sample CT is 3 mm isotropic
 
 

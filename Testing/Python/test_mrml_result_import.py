@@ -7,7 +7,6 @@
   carry SNOMED CT terminology and the model's colours.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import vtk
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "ContrastiveSeg"))
 
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS  # noqa: E402
 from ContrastiveSegJob.terminology import organ_from_terminology, terminology_entry  # noqa: E402
 from ContrastiveSegMRML import (  # noqa: E402
     dice_table,
@@ -30,10 +30,7 @@ from ContrastiveSegMRML import (  # noqa: E402
     segment_mask,
 )
 
-SAMPLE = REPO / "ContrastiveSegLib" / "sample_data"
-IMAGE = SAMPLE / "abdomen_ct.nii.gz"
-LABELS = SAMPLE / "abdomen_ct_labels.nii.gz"
-LABEL_TABLE = json.loads((SAMPLE / "dataset.json").read_text())["labels"]
+IMAGE, LABELS, LABEL_TABLE = Path(SAMPLE_IMAGE), Path(SAMPLE_LABELS), SAMPLE_LABEL_TABLE
 LIVER, SPLEEN = 5, 1
 
 

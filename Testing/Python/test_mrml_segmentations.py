@@ -15,6 +15,7 @@ import slicer  # slicer-core: MRML and logic classes, no Qt
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "ContrastiveSeg"))
 
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS  # noqa: E402
 from ContrastiveSegJob.datasets import read_dataset_labels  # noqa: E402
 from ContrastiveSegJob.labels import KNOWN_ORGAN_COLORS, normalize_label_table  # noqa: E402
 from ContrastiveSegMRML import (  # noqa: E402
@@ -30,10 +31,7 @@ from ContrastiveSegMRML import (  # noqa: E402
     segment_voxel_counts,
 )
 
-SAMPLE = REPO / "ContrastiveSegLib" / "sample_data"
-IMAGE = SAMPLE / "abdomen_ct.nii.gz"
-LABELS = SAMPLE / "abdomen_ct_labels.nii.gz"
-LABEL_TABLE = json.loads((SAMPLE / "dataset.json").read_text())["labels"]
+IMAGE, LABELS, LABEL_TABLE = Path(SAMPLE_IMAGE), Path(SAMPLE_LABELS), SAMPLE_LABEL_TABLE
 
 
 def make_scene():

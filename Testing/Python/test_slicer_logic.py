@@ -20,6 +20,7 @@ import slicer
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "ContrastiveSeg"))
 
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS  # noqa: E402
 from ContrastiveSegJob.commands import EngineRun, TrainingRequest  # noqa: E402
 from ContrastiveSegJob.devices import CPU_SETTINGS, DeviceInfo, estimate_seconds, recommended_settings  # noqa: E402
 from ContrastiveSegJob.jobfolders import new_job_folder  # noqa: E402
@@ -36,9 +37,7 @@ from ContrastiveSegLogic.services import LAST_MODEL_KEY, OUTPUT_FOLDER_KEY, Logi
 from ContrastiveSegMRML import import_labelmap_as_segmentation, read_volume, segment_names  # noqa: E402
 
 SAMPLE = REPO / "ContrastiveSegLib" / "sample_data"
-IMAGE = SAMPLE / "abdomen_ct.nii.gz"
-LABELS = SAMPLE / "abdomen_ct_labels.nii.gz"
-LABEL_TABLE = json.loads((SAMPLE / "dataset.json").read_text())["labels"]
+IMAGE, LABELS, LABEL_TABLE = Path(SAMPLE_IMAGE), Path(SAMPLE_LABELS), SAMPLE_LABEL_TABLE
 PY = "/opt/Slicer/bin/PythonSlicer"
 
 
