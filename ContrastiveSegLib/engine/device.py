@@ -72,13 +72,15 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            _import_before_process_group()
+            import_before_process_group()
             dist.init_process_group(backend=backend)
     return DistributedContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-def _import_before_process_group() -> None:
+def import_before_process_group() -> None:
     """Import ``torch._dynamo`` before the process group exists, so that ``destroy_process_group`` can free it.
+
+    Call it before every ``init_process_group`` (``setup_distributed`` does).
 
     ``DistributedDataParallel`` imports ``torch._dynamo`` when it is built.
     Imported after ``init_process_group``, it leaves a reference to the group
@@ -96,7 +98,7 @@ def _import_before_process_group() -> None:
 
 
 def teardown_distributed(context: DistributedContext) -> None:
-    """Destroy the process group; with ``_import_before_process_group`` this joins its threads."""
+    """Destroy the process group; with ``import_before_process_group`` this joins its threads."""
     if context.distributed:
         import torch.distributed as dist
 

@@ -204,9 +204,13 @@ import sys
 sys.path.insert(0, REPO_ROOT)
 import torch
 import torch.distributed as dist
+from ContrastiveSegLib.engine.device import import_before_process_group
 from ContrastiveSegLib.losses import identity_loss
 
 torch.set_num_threads(1)
+# The all_reduce below imports torch._dynamo; imported after the group exists, it keeps the group
+# alive past destroy_process_group and the rank aborts at exit (see import_before_process_group).
+import_before_process_group()
 dist.init_process_group("gloo", init_method=INIT_METHOD, rank=RANK, world_size=WORLD_SIZE)
 try:
     data = torch.load(INPUT_PATH)
