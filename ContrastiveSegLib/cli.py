@@ -417,6 +417,7 @@ def _cmd_predict(args) -> int:
     from .engine.device import choose_device
     from .engine.events import EventLog
     from .engine.inference import load_model, predict_image
+    from .engine.postprocess import value_counts
     from .engine.runfolder import check_writable_folder
     from .report.colors import colors_for
 
@@ -435,7 +436,7 @@ def _cmd_predict(args) -> int:
     write_labelmap(args.out, labels, image, names=names, colors=colors_for(list(names.values())))
     events.emit("step", step=3, total=3)
     events.emit("finished", step=3, stopped=False)
-    present = np.flatnonzero(np.bincount(labels.reshape(-1))[1:]) + 1   # a Python set of every voxel cost seconds
+    present = np.flatnonzero(value_counts(labels, int(labels.max(initial=0)))[1:]) + 1
     print(f"wrote {args.out} ({', '.join(names.get(int(v), str(v)) for v in present) or 'no organ found'})",
           file=sys.stderr)
     return EXIT_OK

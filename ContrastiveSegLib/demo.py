@@ -94,7 +94,7 @@ def score_heldout(model, out: str, flip_tta: bool = False, mask_body: bool = Tru
     from .report.colors import colors_for
 
     paths = sample_paths()
-    image = read_image(paths["heldout_image"])
+    image = read_image(paths["heldout_image"], as_float32=False)
     labels, _ = predict_image(model, paths["heldout_image"], overlap=0.5, image=image, flip_tta=flip_tta,
                               mask_body=mask_body)
     names = {value: name for value, name in model.labels.items() if value != 0}

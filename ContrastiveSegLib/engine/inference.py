@@ -268,7 +268,7 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     from ..data.io import read_image
     from ..data.preprocess import affine_from_sitk, build_preprocess_transform, to_monai_array
 
-    image = read_image(image_path) if image is None else image
+    image = read_image(image_path, as_float32=False) if image is None else image
     on_grid = resample_to_network_grid(image, model.config.preprocess)
     data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(on_grid)), affine=affine_from_sitk(on_grid))}
     prepared = build_preprocess_transform(model.config.preprocess, pad_to=None, with_label=False)(data)["image"]

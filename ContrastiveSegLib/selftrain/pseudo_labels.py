@@ -66,13 +66,14 @@ def write_pseudo_label(path: str, probabilities: torch.Tensor, affine: np.ndarra
     from ..data.io import read_image, write_labelmap
     from ..engine.body import mask_outside_body
     from ..engine.inference import probabilities_to_input_grid
+    from ..engine.postprocess import value_counts
 
-    reference = read_image(image_path)
+    reference = read_image(image_path, as_float32=False)
     labels = probabilities_to_input_grid(probabilities.float().cpu().numpy(), affine, reference)
     if mask_body:
         labels = mask_outside_body(labels, reference)
     write_labelmap(path, labels, reference, names=names, colors=colors)
-    counts = np.bincount(labels.reshape(-1), minlength=max(names, default=0) + 1)
+    counts = value_counts(labels, max(max(names, default=0), int(labels.max(initial=0))))
     return {name: int(counts[value]) for value, name in sorted(names.items())}
 
 

@@ -10,7 +10,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from ContrastiveSegLib.engine.postprocess import apply_postprocessing, choose_postprocessing, largest_component
+from ContrastiveSegLib.engine.postprocess import (
+    apply_postprocessing,
+    choose_postprocessing,
+    label_regions,
+    largest_component,
+    value_counts,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NAMES = {1: "liver", 2: "colon"}
@@ -24,6 +30,24 @@ def test_largest_component_keeps_only_the_biggest_island():
     kept = largest_component(labels, 1)
     assert (kept == 1).sum() == 512 and (kept == 2).sum() == 8   # other classes untouched
     np.testing.assert_array_equal(largest_component(kept, 1), kept)
+
+
+def test_value_counts_in_chunks_equal_bincount():
+    values = np.random.default_rng(0).integers(0, 7, size=(9, 11, 13)).astype(np.uint16)
+    for chunk in (1, 100, 10_000):
+        np.testing.assert_array_equal(value_counts(values, 6, chunk=chunk), np.bincount(values.reshape(-1)))
+    np.testing.assert_array_equal(value_counts(values, 3), np.bincount(values.reshape(-1))[:4])   # the rest is cut
+
+
+def test_region_numbers_are_uint16_until_they_do_not_fit():
+    few = np.zeros((4, 4, 4), dtype=bool)
+    few[0, 0, 0] = few[3, 3, 3] = True
+    regions, count = label_regions(few)
+    assert regions.dtype == np.uint16 and count == 2
+    many = np.zeros((2, 2 * 300, 2 * 300), dtype=bool)
+    many[0, ::2, ::2] = True   # 90 000 isolated voxels: more regions than uint16 numbers
+    regions, count = label_regions(many)
+    assert count == 90_000 and regions.max() == 90_000
 
 
 def _cases():
