@@ -57,7 +57,8 @@ def predict_prepared(backbone: torch.nn.Module, case: PreparedCase, patch_size: 
     """Arg-max classes ``[X, Y, Z]`` uint8 of a prepared case, background outside its body (as ``predict`` does)."""
     from .data.preprocess import mask_outside_prepared_body
 
-    probabilities = sliding_window_probabilities(backbone, torch.from_numpy(case.image), patch_size, overlap=overlap)
+    probabilities = sliding_window_probabilities(backbone, torch.from_numpy(case.image), patch_size, overlap=overlap,
+                                                 fill=case.fill)
     return mask_outside_prepared_body(probabilities.argmax(0).cpu().numpy().astype(np.uint8), case)
 
 

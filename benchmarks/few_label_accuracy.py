@@ -51,6 +51,7 @@ VARIANTS = {
     "spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": ()},
     "new": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": ()},
     "new_mirror": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": (0, 1, 2)},
+    "thin": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": (96, 96, 16)},
 }
 
 
@@ -64,6 +65,8 @@ def variant_config(variant: str, seed: int, steps: int):
     config.preprocess.intensity_stats = None
     config.train.augmentation = settings["augmentation"]
     config.train.mirror_axes = tuple(settings["mirror_axes"])
+    if "patch" in settings:
+        config.model.patch_size = tuple(settings["patch"])
     config.train.seed = seed
     config.train.val_every = 0
     config.train.checkpoint_every = 0

@@ -98,8 +98,24 @@ def build_preprocess_transform(config: PreprocessConfig, pad_to: Optional[Sequen
         raise ValueError(f"unknown intensity normalisation {config.intensity!r}: "
                          "'ct_window', 'ct_zscore' or 'percentile'")
     if pad_to is not None:
-        steps.append(SpatialPadd(keys=keys, spatial_size=[int(p) for p in pad_to], mode="constant"))
+        size = [int(p) for p in pad_to]
+        steps.append(SpatialPadd(keys="image", spatial_size=size, mode="constant", value=padding_value(config)))
+        if with_label:
+            steps.append(SpatialPadd(keys="label", spatial_size=size, mode="constant"))
     return Compose(steps)
+
+
+def padding_value(config: PreprocessConfig) -> float:
+    """The normalised intensity that stands for "outside the scan": the bottom of the intensity range.
+
+    Patches that reach past a scan's edge (training crops, sliding windows over a thin scan) are filled
+    with it, so that what lies beyond the scan looks like air, as the clipped air around the patient
+    does.  0 for ``ct_window`` and ``percentile`` (their range starts at 0); for ``ct_zscore`` the
+    z-score of the clip's lower bound, since 0 there is the organs' mean, soft tissue.
+    """
+    if config.intensity == "ct_zscore":
+        return float(zscore_range(config)["b_min"])
+    return 0.0
 
 
 def zscore_range(config: PreprocessConfig) -> dict:
@@ -279,6 +295,7 @@ class PreparedCase:
     label: Optional[np.ndarray]
     affine: np.ndarray
     body: Optional[np.ndarray] = None
+    fill: float = 0.0   # the image value beyond the scan's edge (:func:`padding_value`)
 
 
 class CasePreparer:
@@ -350,7 +367,7 @@ class CasePreparer:
         if self.config.is_ct():
             body = prepared_body_mask(image, self.config, self.pad_to)
         return PreparedCase(case.case_id, image_array, label_array, np.asarray(out["image"].affine, dtype=np.float64),
-                            body)
+                            body, padding_value(self.config))
 
     # --- optional disk cache -------------------------------------------------------------------------
     def _cache_path(self, case: Case, with_label: bool) -> Optional[str]:
@@ -373,7 +390,8 @@ class CasePreparer:
         with np.load(path) as stored:
             label = stored["label"] if "label" in stored.files else None
             body = stored["body"] if "body" in stored.files else None
-            return PreparedCase(case.case_id, stored["image"], label, stored["affine"], body)
+            return PreparedCase(case.case_id, stored["image"], label, stored["affine"], body,
+                                padding_value(self.config))
 
     def _save_to_disk(self, case: Case, with_label: bool, prepared: PreparedCase) -> None:
         path = self._cache_path(case, with_label)

@@ -20,10 +20,10 @@ from .preprocess import PreparedCase
 from .views import intensity_augment, supervised_augment
 
 
-def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    """``array[:, start:start+size]`` on the three spatial axes, zero-padded where it leaves the volume."""
+def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
+    """``array[:, start:start+size]`` on the three spatial axes, ``fill`` where it leaves the volume."""
     channels = array.shape[0]
-    out = np.zeros((channels,) + tuple(int(s) for s in size), dtype=array.dtype)
+    out = np.full((channels,) + tuple(int(s) for s in size), fill, dtype=array.dtype)
     source, target = [], []
     for axis, (begin, length) in enumerate(zip(start, size)):
         limit = array.shape[axis + 1]
@@ -88,7 +88,7 @@ class PatchSampler:
         """One patch: ``(image [1, *patch] float32, label [1, *patch] int64 or None, case_index)``."""
         case_index, start = self.window(rng, case_index, prefer)
         case = self.cases[case_index]
-        image = crop_or_pad(case.image, start, self.patch_size)
+        image = crop_or_pad(case.image, start, self.patch_size, fill=case.fill)
         label = None if case.label is None else crop_or_pad(case.label, start, self.patch_size).astype(np.int64)
         return image, label, case_index
 
@@ -127,7 +127,7 @@ class SupervisedPatches(Dataset):
             case = self.sampler.cases[case_index]
             centre = [s + (p - 1) / 2.0 for s, p in zip(start, self.sampler.patch_size)]
             image, label = supervised_augment(case.image, case.label, centre, self.sampler.patch_size, rng,
-                                              self.mirror_axes, self.swap, self.lateral_axis)
+                                              self.mirror_axes, self.swap, self.lateral_axis, fill=case.fill)
         else:
             image, label, _ = self.sampler.sample(rng)
             if self.augment:

@@ -68,12 +68,15 @@ class SpatialTransform:
         return source + torch.from_numpy(np.asarray(self.input_centre, dtype=np.float32))
 
 
-def resample(array: np.ndarray, source, mode: str = "bilinear") -> np.ndarray:
-    """Sample ``array [C, X, Y, Z]`` at ``source [x, y, z, 3]`` input-voxel coordinates (zeros outside).
+def resample(array: np.ndarray, source, mode: str = "bilinear", fill: float = 0.0) -> np.ndarray:
+    """Sample ``array [C, X, Y, Z]`` at ``source [x, y, z, 3]`` input-voxel coordinates (``fill`` outside).
 
     ``mode`` is ``"bilinear"`` (trilinear, for images) or ``"nearest"`` (for labels; the
     dtype is kept).  Returns ``[C, x, y, z]``.
     """
+    if fill:
+        # grid_sample pads with zeros: sample the array minus fill, add it back (exact, also at the edge).
+        return resample(np.asarray(array, dtype=np.float32) - np.float32(fill), source, mode) + np.float32(fill)
     import torch
     import torch.nn.functional as F
 
@@ -433,27 +436,27 @@ def draw_supervised_transform(rng: np.random.Generator, centre: Sequence[float],
     return SupervisedDraw(SpatialTransform(matrix, np.asarray(centre, dtype=np.float64), field), mirrored)
 
 
-def resample_region(volume: np.ndarray, source, mode: str) -> np.ndarray:
+def resample_region(volume: np.ndarray, source, mode: str, fill: float = 0) -> np.ndarray:
     """Like :func:`resample`, but reads only the box of ``volume`` that ``source`` touches.
 
     The box is cut from the whole volume before resampling, so a rotated or zoomed-out patch takes its
-    corners from real neighbouring tissue; zeros enter only where the map leaves the volume itself.
+    corners from real neighbouring tissue; ``fill`` enters only where the map leaves the volume itself.
     """
     import torch
 
     low = torch.floor(source.reshape(-1, 3).min(0).values).to(torch.int64) - 1
     high = torch.ceil(source.reshape(-1, 3).max(0).values).to(torch.int64) + 2
     size = (high - low).tolist()
-    region = np.zeros((volume.shape[0],) + tuple(size), dtype=volume.dtype)
+    region = np.full((volume.shape[0],) + tuple(size), fill, dtype=volume.dtype)
     inside_source, inside_region = [], []
     for axis in range(3):
         lo, hi = max(int(low[axis]), 0), min(int(high[axis]), volume.shape[axis + 1])
         if hi <= lo:
-            return resample(region, source - low.to(source.dtype), mode)
+            return resample(region, source - low.to(source.dtype), mode, fill)
         inside_source.append(slice(lo, hi))
         inside_region.append(slice(lo - int(low[axis]), hi - int(low[axis])))
     region[(slice(None),) + tuple(inside_region)] = volume[(slice(None),) + tuple(inside_source)]
-    return resample(region, source - low.to(source.dtype), mode)
+    return resample(region, source - low.to(source.dtype), mode, fill)
 
 
 def supervised_intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -486,7 +489,8 @@ def supervised_intensity_augment(image: np.ndarray, rng: np.random.Generator) ->
 
 def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[float], patch_size: Sequence[int],
                        rng: np.random.Generator, mirror_axes: Sequence[int] = (),
-                       swap: Optional[np.ndarray] = None, lateral_axis: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+                       swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
+                       fill: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
     """An augmented training patch of ``patch_size`` centred on voxel ``centre`` of a whole case.
 
     Args:
@@ -497,6 +501,7 @@ def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[fl
         mirror_axes: axes that may be mirrored (each with p = 0.5); must pass :func:`check_mirror_axes`.
         swap: the class permutation of a left-right mirror (None: the identity).
         lateral_axis: the left-right axis of the grid (:func:`left_right_axis`).
+        fill: the image value beyond the case's edge (``PreparedCase.fill``).
 
     Returns:
         ``(image [1, *patch] float32, label [1, *patch] int64)``.
@@ -512,7 +517,7 @@ def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[fl
         patch_image, patch_label = image[box].astype(np.float32), label[box]
     else:
         source = transform.source_coordinates(patch_size)
-        patch_image = resample_region(image, source, "bilinear")
+        patch_image = resample_region(image, source, "bilinear", fill)
         patch_label = resample_region(label, source, "nearest")
     patch_label = patch_label.astype(np.int64)
     if swap is not None and lateral_axis in draw.mirrored:

@@ -76,9 +76,11 @@ def run_postprocessing(model_path: str, checkpoint_path: str) -> Optional[Dict]:
 
 def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
                                  overlap: float = 0.5, sw_batch_size: int = 2,
-                                 use_amp: bool = False) -> torch.Tensor:
+                                 use_amp: bool = False, fill: float = 0.0) -> torch.Tensor:
     """Softmax probabilities ``[C, X, Y, Z]`` for one preprocessed image ``[1, X, Y, Z]``.
 
+    Windows that reach past the image (a scan thinner than the patch) are filled with ``fill``, the
+    run's :func:`~..data.preprocess.padding_value`, as its training patches were.
     Test-time flips are :func:`mirrored_probabilities`' job (only the axes the run trained mirrored).
     """
     from monai.inferers import sliding_window_inference
@@ -90,7 +92,7 @@ def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch
         with torch.autocast(device.type, enabled=use_amp and device.type == "cuda"):
             logits = sliding_window_inference(x, roi_size=tuple(int(p) for p in patch_size),
                                               sw_batch_size=sw_batch_size, predictor=backbone, overlap=overlap,
-                                              mode="gaussian", padding_mode="constant", cval=0.0)
+                                              mode="gaussian", padding_mode="constant", cval=float(fill))
         return torch.softmax(logits.float(), dim=1)
 
     with torch.no_grad():
@@ -113,7 +115,7 @@ def tta_flips(config: RunConfig) -> tuple:
 
 
 def mirrored_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int], overlap: float,
-                           axes: Sequence[int], swap=None, lateral_axis: int = 0) -> torch.Tensor:
+                           axes: Sequence[int], swap=None, lateral_axis: int = 0, fill: float = 0.0) -> torch.Tensor:
     """Softmax probabilities ``[C, X, Y, Z]`` averaged over every combination of flips of ``axes``.
 
     Each flipped prediction is flipped back; where the ``lateral_axis`` was flipped its left and right
@@ -128,7 +130,7 @@ def mirrored_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size:
     for combo in combos:
         dims = [a + 1 for a in combo]   # image is [1, X, Y, Z]
         flipped = torch.flip(image, dims) if dims else image
-        p = sliding_window_probabilities(backbone, flipped, patch_size, overlap=overlap)
+        p = sliding_window_probabilities(backbone, flipped, patch_size, overlap=overlap, fill=fill)
         p = torch.flip(p, dims) if dims else p
         if swap is not None and lateral_axis in combo:
             p = p[torch.as_tensor(np.asarray(swap), dtype=torch.long, device=p.device)]
@@ -266,20 +268,21 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     from monai.data import MetaTensor
 
     from ..data.io import read_image
-    from ..data.preprocess import affine_from_sitk, build_preprocess_transform, to_monai_array
+    from ..data.preprocess import affine_from_sitk, build_preprocess_transform, padding_value, to_monai_array
 
     image = read_image(image_path, as_float32=False) if image is None else image
     on_grid = resample_to_network_grid(image, model.config.preprocess)
     data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(on_grid)), affine=affine_from_sitk(on_grid))}
     prepared = build_preprocess_transform(model.config.preprocess, pad_to=None, with_label=False)(data)["image"]
     tensor = torch.as_tensor(np.asarray(prepared.numpy(), dtype=np.float32))
+    fill = padding_value(model.config.preprocess)
     if flip_tta:
         axes, (swap, lateral) = tta_flips(model.config)
         probabilities = mirrored_probabilities(model.backbone, tensor, model.config.model.patch_size, overlap,
-                                               axes, swap, lateral)
+                                               axes, swap, lateral, fill=fill)
     else:
         probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
-                                                     overlap=overlap)
+                                                     overlap=overlap, fill=fill)
     labels = probabilities_to_input_grid(probabilities.cpu().numpy(), np.asarray(prepared.affine, dtype=np.float64),
                                          image)
     if mask_body and model.config.preprocess.is_ct():

@@ -27,12 +27,15 @@ if TYPE_CHECKING:
 
 
 def class_probabilities(backbone: torch.nn.Module, image: np.ndarray, patch_size: Sequence[int],
-                        overlap: float = 0.25, use_amp: bool = False) -> torch.Tensor:
-    """Softmax ``[C, X, Y, Z]`` of a preprocessed volume ``[1, X, Y, Z]`` (sliding window, as validation does)."""
+                        overlap: float = 0.25, use_amp: bool = False, fill: float = 0.0) -> torch.Tensor:
+    """Softmax ``[C, X, Y, Z]`` of a preprocessed volume ``[1, X, Y, Z]`` (sliding window, as validation does).
+
+    ``fill``: the value beyond the volume's edge (``PreparedCase.fill``).
+    """
     from ..engine.inference import sliding_window_probabilities
 
     return sliding_window_probabilities(backbone, torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                                        patch_size, overlap=overlap, use_amp=use_amp)
+                                        patch_size, overlap=overlap, use_amp=use_amp, fill=fill)
 
 
 def augmented_agreement(backbone: torch.nn.Module, image: np.ndarray, num_classes: int, patch_size: Sequence[int],
@@ -153,7 +156,7 @@ class PseudoLabelStage:
                 bar.close()
                 return None
             probabilities = class_probabilities(backbone, prepared.image, config.model.patch_size,
-                                                config.train.sw_overlap, use_amp)
+                                                config.train.sw_overlap, use_amp, fill=prepared.fill)
             grid_labels = probabilities.argmax(0).to(torch.uint8).cpu().numpy()
             if mask_body:
                 grid_labels[~body_mask_on_grid(read_image(case.image), prepared.affine, grid_labels.shape)] = 0

@@ -127,3 +127,70 @@ def test_a_run_written_before_the_recipe_predicts_identically(tmp_path):
     expected = np.load(os.path.join(OLD_RUN, "expected_prediction.npz"))["labels"]
     assert (expected > 0).sum() > 10000   # the fixture's network does label tissue
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_beyond_the_scan_looks_like_air_after_ct_zscore():
+    """A patch or sliding window that reaches past a scan is filled with the normalised air value, not 0.
+
+    With ct_zscore, 0 is the organs' mean (soft tissue); a thin scan padded with it shows the network a
+    slab of tissue that was never there.  The fill is the clip's lower bound: what air becomes.
+    """
+    import torch
+
+    from ContrastiveSegLib.data.preprocess import PreparedCase, padding_value
+    from ContrastiveSegLib.data.sampling import PatchSampler, SupervisedPatches
+    from ContrastiveSegLib.engine.inference import sliding_window_probabilities
+
+    stats = {"clip_low": -100.0, "clip_high": 200.0, "mean": 50.0, "std": 25.0}
+    zscore = PreprocessConfig(spacing=(1.0, 1.0, 1.0), intensity="ct_zscore", intensity_stats=stats)
+    air = (-100.0 - 50.0) / 25.0
+    assert padding_value(zscore) == pytest.approx(air)
+    assert padding_value(PreprocessConfig(spacing=(1.0, 1.0, 1.0))) == 0.0   # ct_window: 0 is already air
+
+    # Preprocessing pads a scan thinner than the patch with air, its label with background.
+    from monai.data import MetaTensor
+
+    thin = np.full((1, 8, 8, 3), 50.0, dtype=np.float32)
+    out = build_preprocess_transform(zscore, pad_to=(8, 8, 6))({"image": MetaTensor(thin, affine=np.eye(4)),
+                                                               "label": MetaTensor(np.ones_like(thin),
+                                                                                   affine=np.eye(4))})
+    image, label = np.asarray(out["image"]), np.asarray(out["label"])
+    assert image.shape == (1, 8, 8, 6)
+    assert np.allclose(image[label > 0], 0.0) and np.allclose(image[label == 0], air)
+
+    # Training patches (plain crops and spatially augmented ones) take the case's fill beyond its edge.
+    case = PreparedCase("thin", np.zeros((1, 12, 12, 4), dtype=np.float32), np.ones((1, 12, 12, 4), dtype=np.uint8),
+                        np.eye(4), fill=air)
+    for augmentation in ("intensity", "spatial"):
+        patches = SupervisedPatches(PatchSampler([case], (8, 8, 8), foreground_ratio=1.0), seed=0, length=4,
+                                    augment=False, augmentation=augmentation)
+        for index in range(4):
+            item = patches[index]
+            outside = item["label"].numpy() == 0
+            assert outside.any() and np.allclose(item["image"].numpy()[outside], air)
+    # The spatial path resamples (rotation, zoom) from a region of the case filled with air beyond it.
+    from ContrastiveSegLib.data.views import resample_region, supervised_augment
+
+    source = torch.stack(torch.meshgrid(*[torch.arange(8, dtype=torch.float32)] * 3, indexing="ij"), -1) - 2.0
+    moved = resample_region(case.image, source, "bilinear", air)
+    assert np.allclose(moved[0, :2], air) and np.allclose(moved[0, 2:, 2:, 2:6], 0.0)
+    for index in range(8):   # augmented patches: intensities vary, but beyond the scan stays far below tissue
+        image, label = supervised_augment(case.image, case.label, (6.0, 6.0, 1.5), (8, 8, 8),
+                                          np.random.default_rng([0, index]), fill=air)
+        assert np.median(image[label == 0]) < air / 2 < np.median(image[label > 0])
+
+    # The sliding window over a scan thinner than the patch pads with the fill it is given.
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros((x.shape[0], 2) + tuple(x.shape[2:]))
+
+    sliding_window_probabilities(Recorder(), torch.zeros(1, 8, 8, 3), (8, 8, 6), fill=air)
+    window = seen[0][0, 0].numpy()
+    assert np.isclose(window, air).sum() == 8 * 8 * 3 and (window == 0.0).sum() == 8 * 8 * 3
