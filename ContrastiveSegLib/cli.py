@@ -76,6 +76,10 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="axes of the RAS grid to mirror patches along in training, e.g. 1,2 (0 = left-right: "
                              "only if every left/right organ's partner is a target; pairs are swapped); "
                              "predict --tta flips exactly these (default: none)")
+    parser.add_argument("--contrast-phase-prob", type=float, default=0.0, metavar="P",
+                        help="contrast-phase augmentation: each labelled organ of a patch, with probability P, "
+                             "moves by its own offset of -100..+200 HU, for scans of another contrast phase "
+                             "than the training scans (CT only; default: 0, off)")
     parser.add_argument("--postprocess-on", choices=["validation", "training", "off"], default="validation",
                         help="cases that decide, per organ, whether keeping only its largest connected component "
                              "helps; predict applies the decision (default: validation)")
@@ -363,6 +367,9 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
         raise InputError(f"{args.mirror_axes!r} is not a list of axes 0, 1, 2", path="--mirror-axes",
                          fix="write e.g. --mirror-axes 1,2")
     config.train.mirror_axes = axes
+    if not 0.0 <= args.contrast_phase_prob <= 1.0:
+        raise InputError(f"{args.contrast_phase_prob} is not a probability in [0, 1]", path="--contrast-phase-prob")
+    config.train.contrast_phase_prob = args.contrast_phase_prob
     config.postprocess.choose_on = args.postprocess_on
 
 

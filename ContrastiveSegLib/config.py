@@ -91,6 +91,10 @@ class TrainConfig:
     # p = 0.5; the left-right axis only when the targets' left/right pairs can be swapped
     # (data.views.lateral_swap).  predict --tta flips exactly these axes.
     mirror_axes: Tuple[int, ...] = ()
+    # Contrast-phase augmentation (data/views.py, contrast_phase_shift): each labelled organ of a training
+    # patch, with this probability, has its intensities moved by its own offset of -100..+200 HU, so that
+    # a network trained on scans of one contrast phase does not learn the organs' HU (0: off).
+    contrast_phase_prob: float = 0.0
     # Fine-tuning that keeps a pre-trained encoder: its parameters train at encoder_lr_scale x lr
     # (None: 0.1 when the encoder was loaded with --init, else 1.0), and not at all for the first
     # freeze_encoder_steps steps.

@@ -103,8 +103,13 @@ def prepare_intensity_statistics(config: RunConfig, train_cases: Sequence[Case],
                                                           seed=config.train.seed)
 
 
-def mirroring(config: RunConfig, targets: Sequence[str]) -> dict:
-    """``SupervisedPatches`` arguments for the run's mirror axes (an InputError if a left/right pair would break)."""
+def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
+    """``SupervisedPatches`` arguments for the run's augmentation.
+
+    An InputError if a left/right pair would break under the mirror axes, or if contrast-phase
+    augmentation is asked of a normalisation that is not in HU.
+    """
+    from .data.preprocess import normalised_range, units_per_hu
     from .data.views import check_mirror_axes, lateral_swap, left_right_axis
 
     axes = tuple(config.train.mirror_axes)
@@ -113,8 +118,18 @@ def mirroring(config: RunConfig, targets: Sequence[str]) -> dict:
     except ValueError as error:
         raise InputError(str(error), path="--mirror-axes", fix="leave out the left-right axis (0)") from None
     lateral = left_right_axis(config.preprocess.orientation)
+    contrast_phase = None
+    if config.train.contrast_phase_prob > 0:
+        scale = units_per_hu(config.preprocess)
+        if scale is None:
+            raise InputError(f"contrast-phase augmentation shifts organs in HU, and intensity "
+                             f"{config.preprocess.intensity!r} is not in HU", path="--contrast-phase-prob",
+                             fix="use it with --intensity ct_window or ct_zscore, or leave it at 0")
+        contrast_phase = {"prob": float(config.train.contrast_phase_prob), "units_per_hu": scale,
+                          "value_range": normalised_range(config.preprocess)}
     return {"augmentation": config.train.augmentation, "mirror_axes": axes,
-            "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral}
+            "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral,
+            "contrast_phase": contrast_phase}
 
 
 def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,
@@ -187,7 +202,7 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
     config.model.out_channels = len(targets) + 1
     config.model.validate()
     prepare_intensity_statistics(config, train_cases, targets)
-    augmentation = mirroring(config, targets)
+    augmentation = augmentation_options(config, targets)
     # Stored resolved, so config.json says at which rate the encoder trained.
     config.train.encoder_lr_scale = config.train.resolved_encoder_lr_scale(bool(config.init_checkpoint))
     preparer = CasePreparer(config.preprocess, targets, pad_to=config.model.patch_size,

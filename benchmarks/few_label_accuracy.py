@@ -52,6 +52,11 @@ VARIANTS = {
     "new": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": ()},
     "new_mirror": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": (0, 1, 2)},
     "thin": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": (96, 96, 16)},
+    "phase": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "contrast_phase_prob": 0.5},
+    "phase_spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
+                      "contrast_phase_prob": 0.5},
+    "phase_zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": (),
+                     "contrast_phase_prob": 0.5},
 }
 
 
@@ -67,6 +72,7 @@ def variant_config(variant: str, seed: int, steps: int):
     config.train.mirror_axes = tuple(settings["mirror_axes"])
     if "patch" in settings:
         config.model.patch_size = tuple(settings["patch"])
+    config.train.contrast_phase_prob = settings.get("contrast_phase_prob", 0.0)
     config.train.seed = seed
     config.train.val_every = 0
     config.train.checkpoint_every = 0

@@ -113,9 +113,27 @@ def padding_value(config: PreprocessConfig) -> float:
     does.  0 for ``ct_window`` and ``percentile`` (their range starts at 0); for ``ct_zscore`` the
     z-score of the clip's lower bound, since 0 there is the organs' mean, soft tissue.
     """
+    return normalised_range(config)[0]
+
+
+def normalised_range(config: PreprocessConfig) -> tuple:
+    """``(low, high)``: the values the run's normalisation clips intensities to."""
     if config.intensity == "ct_zscore":
-        return float(zscore_range(config)["b_min"])
-    return 0.0
+        scaling = zscore_range(config)
+        return float(scaling["b_min"]), float(scaling["b_max"])
+    return 0.0, 1.0
+
+
+def units_per_hu(config: PreprocessConfig) -> Optional[float]:
+    """How much one Hounsfield unit moves a normalised intensity (None: not a CT normalisation)."""
+    if config.intensity == "ct_window":
+        low, high = config.window
+        return 1.0 / (float(high) - float(low))
+    if config.intensity == "ct_zscore":
+        if not config.intensity_stats:
+            raise ValueError("intensity 'ct_zscore' needs the run's intensity statistics, and this config has none")
+        return 1.0 / max(float(config.intensity_stats["std"]), 1e-8)
+    return None
 
 
 def zscore_range(config: PreprocessConfig) -> dict:

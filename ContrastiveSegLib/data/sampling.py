@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .preprocess import PreparedCase
-from .views import intensity_augment, supervised_augment
+from .views import contrast_phase_shift, intensity_augment, supervised_augment
 
 
 def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
@@ -100,12 +100,14 @@ class SupervisedPatches(Dataset):
     ``"spatial"`` draws rotation, zoom, elastic deformation and mirrors along ``mirror_axes`` around the
     patch centre, resamples the patch from the whole case (so no padding enters where the case goes on),
     then applies nnU-Net's intensity augmentations.  ``swap`` relabels left/right organs when the
-    ``lateral_axis`` is mirrored (:func:`~.views.lateral_swap`).
+    ``lateral_axis`` is mirrored (:func:`~.views.lateral_swap`).  ``contrast_phase``: ``{"prob",
+    "units_per_hu", "value_range"}`` for :func:`~.views.contrast_phase_shift` (None: off), applied first.
     """
 
     def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,
                  augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
-                 swap: Optional[np.ndarray] = None, lateral_axis: int = 0):
+                 swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
+                 contrast_phase: Optional[dict] = None):
         if augmentation not in ("intensity", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
         self.sampler = sampler
@@ -116,6 +118,7 @@ class SupervisedPatches(Dataset):
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.swap = swap
         self.lateral_axis = int(lateral_axis)
+        self.contrast_phase = contrast_phase if contrast_phase and contrast_phase.get("prob", 0) > 0 else None
 
     def __len__(self) -> int:
         return self.length
@@ -126,14 +129,21 @@ class SupervisedPatches(Dataset):
             case_index, start = self.sampler.window(rng)
             case = self.sampler.cases[case_index]
             centre = [s + (p - 1) / 2.0 for s, p in zip(start, self.sampler.patch_size)]
-            image, label = supervised_augment(case.image, case.label, centre, self.sampler.patch_size, rng,
+            volume = self._contrast_phase(case.image, case.label, rng)
+            image, label = supervised_augment(volume, case.label, centre, self.sampler.patch_size, rng,
                                               self.mirror_axes, self.swap, self.lateral_axis, fill=case.fill)
         else:
             image, label, _ = self.sampler.sample(rng)
             if self.augment:
-                image = intensity_augment(image, rng)
+                image = intensity_augment(self._contrast_phase(image, label, rng), rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label))}
+
+
+    def _contrast_phase(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        if self.contrast_phase is None or label is None:
+            return image
+        return contrast_phase_shift(image, label, rng, **self.contrast_phase)
 
 
 class StepSampler(Sampler):

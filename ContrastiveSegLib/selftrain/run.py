@@ -23,7 +23,7 @@ from ..engine.events import EventLog, read_events
 from ..engine.runfolder import RunFolder, check_writable_folder, write_json_atomic
 from ..engine.trainer import Trainer
 from ..errors import InputError
-from ..finetune import make_validator, mirroring, prepare_intensity_statistics, report_init, split_cases
+from ..finetune import augmentation_options, make_validator, prepare_intensity_statistics, report_init, split_cases
 from ..methods.selftrain import DEFAULTS, JointPairs, SelfTrainingObjective, check_settings
 from ..methods.supervised import SupervisedObjective
 from ..models import build_backbone
@@ -353,7 +353,7 @@ class _SelfTraining(BaselineStage, PseudoLabelStage):
         if stage.round == 0:
             objective = SupervisedObjective(backbone)
             dataset = SupervisedPatches(labeled, config.train.seed, length, augment=True,
-                                        **mirroring(config, self.targets))
+                                        **augmentation_options(config, self.targets))
         else:
             kept = pseudo[0]
             objective = SelfTrainingObjective(backbone, contrastive_weight=settings["contrastive_weight"],

@@ -110,15 +110,15 @@ def test_a_left_right_mirror_swaps_each_pair():
 def test_finetune_refuses_to_mirror_an_unpaired_lateral_organ():
     from ContrastiveSegLib.config import RunConfig
     from ContrastiveSegLib.errors import InputError
-    from ContrastiveSegLib.finetune import mirroring
+    from ContrastiveSegLib.finetune import augmentation_options
 
     config = RunConfig()
     config.train.mirror_axes = (0, 2)
     with pytest.raises(InputError, match="left-right"):
-        mirroring(config, ["adrenal_gland_left", "liver"])
-    assert mirroring(config, ["kidney_left", "kidney_right"])["swap"].tolist() == [0, 2, 1]
+        augmentation_options(config, ["adrenal_gland_left", "liver"])
+    assert augmentation_options(config, ["kidney_left", "kidney_right"])["swap"].tolist() == [0, 2, 1]
     config.train.mirror_axes = (2,)
-    assert mirroring(config, ["adrenal_gland_left"])["swap"] is None
+    assert augmentation_options(config, ["adrenal_gland_left"])["swap"] is None
 
 
 def test_a_stopped_and_resumed_run_with_spatial_augmentation_ends_with_the_same_weights(tmp_path, tiny_dataset):
@@ -146,3 +146,71 @@ def test_a_stopped_and_resumed_run_with_spatial_augmentation_ends_with_the_same_
     resumed = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))["model"]
     for key in straight:
         torch.testing.assert_close(straight[key], resumed[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_contrast_phase_shift_moves_each_organ_by_its_own_offset_in_hu():
+    from ContrastiveSegLib.data.views import CONTRAST_PHASE_SHIFT_HU, contrast_phase_shift
+
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0.3, 0.6, size=(1, 10, 10, 10)).astype(np.float32)   # a CT window: 400 HU per unit
+    label = np.zeros(image.shape, dtype=np.int64)
+    label[0, :4], label[0, 6:] = 1, 2
+    offsets = {1: set(), 2: set()}
+    for index in range(40):
+        out = contrast_phase_shift(image, label, np.random.default_rng([0, index]), prob=0.5, units_per_hu=1 / 400,
+                                   value_range=(0.0, 1.0))
+        np.testing.assert_array_equal(out[label == 0], image[label == 0])   # background never moves
+        for organ in (1, 2):
+            unclipped = (out > 0) & (out < 1) & (label == organ)
+            shift = np.round((out[unclipped] - image[unclipped]) * 400, 2)
+            assert len(set(shift.tolist())) == 1, "one offset per organ"
+            offsets[organ].add(float(shift[0]))
+            assert CONTRAST_PHASE_SHIFT_HU[0] <= shift[0] <= CONTRAST_PHASE_SHIFT_HU[1]
+        assert out.min() >= 0.0 and out.max() <= 1.0   # clipped to the window, as a scan would be
+    for organ in (1, 2):   # unshifted in some patches, shifted by different amounts in the others
+        assert 0.0 in offsets[organ] and len(offsets[organ]) > 10
+    assert offsets[1] != offsets[2]
+    # Off: the same array back and no draw from the generator, so runs without it sample as before.
+    generator = np.random.default_rng(1)
+    assert contrast_phase_shift(image, label, generator, 0.0, 1 / 400, (0.0, 1.0)) is image
+    assert generator.random() == np.random.default_rng(1).random()
+
+
+def test_contrast_phase_augmentation_is_reproducible_and_off_by_default():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.errors import InputError
+    from ContrastiveSegLib.finetune import augmentation_options
+
+    image, label = _cube_case()
+    case = PreparedCase("cube", image * 0.5, label, np.eye(4))
+    config = RunConfig()
+    targets = ["liver"]
+    assert augmentation_options(config, targets)["contrast_phase"] is None
+    plain = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 8, **augmentation_options(config, targets))
+    config.train.contrast_phase_prob = 1.0
+    options = augmentation_options(config, targets)
+    assert options["contrast_phase"]["units_per_hu"] == pytest.approx(1 / 400)   # the default -150..250 window
+    for augmentation in ("intensity", "spatial"):
+        options["augmentation"] = augmentation
+        shifted = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 8, **options)
+        again = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 8, **options)
+        for index in range(4):
+            first, second = shifted[index], again[index]
+            np.testing.assert_array_equal(first["image"].numpy(), second["image"].numpy())
+            np.testing.assert_array_equal(first["label"].numpy(), second["label"].numpy())
+    options["augmentation"] = "intensity"
+    shifted = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 8, **options)
+    def contrast(item):   # the cube's median minus the background's: 0.5 x the intensity scale (0.9-1.1)
+        image, label = item["image"].numpy(), item["label"].numpy()
+        return float(np.median(image[label == 1]) - np.median(image[label == 0]))
+
+    changed = 0
+    for index in range(8):   # the same crops; the cube's contrast to its surroundings moved
+        before, after = plain[index], shifted[index]
+        np.testing.assert_array_equal(before["label"].numpy(), after["label"].numpy())
+        assert abs(contrast(before) - 0.5) < 0.06
+        changed += abs(contrast(after) - 0.5) > 0.06
+    assert changed >= 4
+    config.preprocess.intensity = "percentile"   # not HU: an organ offset in HU means nothing
+    with pytest.raises(InputError, match="HU"):
+        augmentation_options(config, targets)
