@@ -268,9 +268,9 @@ def test_pretrain_on_mixed_label_sets_then_finetune_from_it(tmp_path, mixed_data
     assert config["method"]["alpha"] == mixcl.DEFAULTS["alpha"] and config["train"]["batch_size"] == 2
     events = read_events(str(run / "events.jsonl"))
     steps = [e for e in events if e["event"] == "step"]
-    assert {"identity", "label", "recon", "id_enc2", "label_active"} <= set(steps[-1]["losses"])
+    assert {"identity", "label", "recon", "position", "id_enc2", "label_active"} <= set(steps[-1]["losses"])
     gradients = [e for e in events if e["event"] == "term_gradients"]
-    assert gradients[0]["step"] == 0 and set(gradients[0]["norms"]) == {"identity", "label", "recon"}
+    assert gradients[0]["step"] == 0 and set(gradients[0]["norms"]) == {"identity", "label", "recon", "position"}
     assert all(value >= 0 for value in gradients[0]["norms"].values())
     share = [e for e in events if e["event"] == "label_gradients"]
     assert len(share) == 1 and share[0]["batches"] == 3 and 0 <= share[0]["share"] <= 1
