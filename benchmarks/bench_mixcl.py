@@ -19,9 +19,10 @@ Measured in one run, on the same machine:
 instead writes the leak-free pre-training sources (``LEAK_FREE_SOURCES``: LIDC 0001-0003 and two crops
 of patient C, read from ``DATA``) as datasets under ``WORK`` and reports, for the paper's reading of MixCL
 and for the defaults, on the U-Net small at seed 0: the encoder-gradient norm of each weighted term
-(identity, alpha x label, beta x reconstruction, and the variance floor where it is on) at initialisation, over the first ``--batches``
-batches of real samples, and the share of ``--share-batches`` batches whose label loss has a
-gradient (a positive and a negative pair exist).  Deterministic; see docs/pretraining.md.
+(identity, alpha x label, beta x reconstruction, and the variance floor where it is on) at
+initialisation, over the first ``--batches`` batches of real samples, and the share of
+``--share-batches`` batches whose label loss has a gradient (a positive and a negative pair exist).
+Deterministic; see docs/pretraining.md.
 """
 
 from __future__ import annotations
