@@ -41,6 +41,7 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/losses/identity.py
   ContrastiveSegLib/losses/label_contrastive.py
   ContrastiveSegLib/losses/pcgrad.py
+  ContrastiveSegLib/losses/position_variance.py
   ContrastiveSegLib/losses/prototype.py
   ContrastiveSegLib/losses/supcon.py
   ContrastiveSegLib/methods/__init__.py

@@ -19,9 +19,10 @@ Measured in one run, on the same machine:
 instead writes the leak-free pre-training sources (``LEAK_FREE_SOURCES``: LIDC 0001-0003 and two crops
 of patient C, read from ``DATA``) as datasets under ``WORK`` and reports, for the paper's reading of MixCL
 and for the defaults, on the U-Net small at seed 0: the encoder-gradient norm of each weighted term
-(identity, alpha x label, beta x reconstruction) at initialisation, over the first ``--batches``
-batches of real samples, and the share of ``--share-batches`` batches whose label loss has a
-gradient (a positive and a negative pair exist).  Deterministic; see docs/pretraining.md.
+(identity, alpha x label, beta x reconstruction, and the variance floor where it is on) at
+initialisation, over the first ``--batches`` batches of real samples, and the share of
+``--share-batches`` batches whose label loss has a gradient (a positive and a negative pair exist).
+Deterministic; see docs/pretraining.md.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def label_pairs_have_gradient(batch: dict, background_negatives: bool) -> bool:
 
 def _balance_child(data_root: str, work: str, patch, spacing, batch_size: int, batches: int, share_batches: int,
                    variant: str, overrides: dict) -> dict:
-    """Encoder-gradient norms of the three weighted terms at initialisation, and the label-gradient share."""
+    """Encoder-gradient norms of the weighted terms at initialisation (the variance floor too, when on),
+    and the label-gradient share."""
     import torch
     from torch.utils.data import default_collate
 
@@ -237,7 +239,7 @@ def _balance_child(data_root: str, work: str, patch, spacing, batch_size: int, b
 def mixcl_paper_settings() -> dict:
     """The paper's reading (the method's defaults before docs/pretraining.md's changes)."""
     return {"alpha": 0.01, "beta": 0.01, "lambd": 0.0051, "identity_reduction": "sum", "skip_thin_levels": False,
-            "background_negatives": False, "view_geometry": "shared", "pair_attempts": 1}
+            "background_negatives": False, "view_geometry": "shared", "pair_attempts": 1, "position_weight": 0.0}
 
 
 def main() -> None:

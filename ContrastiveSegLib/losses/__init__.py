@@ -7,6 +7,7 @@ One small module per loss; everything public is re-exported here:
   :func:`boundary_weight_map`, :func:`sample_boundary_weighted`;
 * GCL: :func:`supcon_loss`, :func:`pcgrad`, :func:`pcgrad_per_sample`,
   :func:`gradient_filter_mask`;
+* both: :func:`position_variance_loss` (a variance floor against position collapse);
 * local contrastive loss with pseudo-labels: :func:`prototype_contrastive_loss`,
   :func:`class_prototypes`, :func:`sample_anchors`.
 """
@@ -18,6 +19,7 @@ from .gradient_filter import gradient_filter_mask
 from .identity import cross_correlation, flatten_feature_map, identity_loss
 from .label_contrastive import label_contrastive_loss
 from .pcgrad import pcgrad, pcgrad_per_sample
+from .position_variance import position_variance_loss
 from .prototype import class_prototypes, prototype_contrastive_loss, sample_anchors
 from .supcon import supcon_loss
 
@@ -31,6 +33,7 @@ __all__ = [
     "label_contrastive_loss",
     "pcgrad",
     "pcgrad_per_sample",
+    "position_variance_loss",
     "prototype_contrastive_loss",
     "sample_anchors",
     "sample_boundary_weighted",

@@ -21,7 +21,11 @@ meta label ``k``::
         + pixel_weight * filtered, image-weighted InfoNCE_k(pixel embeddings)
 
 and the Gradient Mitigator combines the ``L_k`` with PCGrad on the shared
-encoder (``mitigator``: ``feature``, ``param`` or ``off``).  The trainer calls
+encoder (``mitigator``: ``feature``, ``param`` or ``off``).  A variance floor across the
+views at every position of ``position_levels`` (``position_variance_loss``,
+weight ``position_weight``; ours) is added after the surgery: without it the
+image branch collapses the bottleneck to a code for where a voxel sits in
+the patch (docs/pretraining.md, "Position collapse").  The trainer calls
 ``loss.backward()`` itself, so the surgery is done inside ``forward`` and the
 returned loss is a *surrogate*: its value is ``sum_k L_k`` and its gradient is
 the surgered one (see :meth:`GCLObjective.forward`).
@@ -50,7 +54,7 @@ from ..data.views import (
     view_crop_shape,
 )
 from ..errors import InputError
-from ..losses import gradient_filter_mask, pcgrad, pcgrad_per_sample, supcon_loss
+from ..losses import gradient_filter_mask, pcgrad, pcgrad_per_sample, position_variance_loss, supcon_loss
 from ..models.backbones import LEVEL_NAMES
 from .term_gradients import TermGradientLog, encoder_gradient_norms
 
@@ -67,6 +71,8 @@ DEFAULTS: Dict[str, Any] = {
     "image_head_dims": [512, 128],  # image head MLP: hidden width, embedding width
     "pixel_level": "enc3",         # encoder level the pixel head reads (1/4 resolution)
     "image_weight": 1.0,           # weight of the image branch in each L_k
+    "position_weight": 1.0,        # weight of the per-position variance floor (ours; 0: off, as in the paper)
+    "position_levels": ["enc4", "bottleneck"],  # levels the variance floor holds on (ours)
     "pixel_weight": 1.0,           # weight of the pixel branch in each L_k
     "same_case_prob": 0.5,         # a sample shares its micro-batch's case with this probability
     "foreground_ratio": 0.67,      # share of patches centred on a labelled voxel
@@ -99,7 +105,11 @@ def check_settings(settings: Dict[str, Any], batch_size: int) -> None:
     for name in ("tau_image", "tau_pixel"):
         if not settings[name] > 0:
             raise InputError(f"{name} must be > 0, got {settings[name]}", path=f"--set {name}")
-    for name in ("image_weight", "pixel_weight"):
+    unknown = [name for name in settings["position_levels"] if name not in LEVEL_NAMES]
+    if unknown:
+        raise InputError(f"unknown level(s) {unknown}", path="--set position_levels",
+                         fix=f"levels are {', '.join(LEVEL_NAMES)}")
+    for name in ("image_weight", "pixel_weight", "position_weight"):
         if settings[name] < 0:
             raise InputError(f"{name} must be >= 0, got {settings[name]}", path=f"--set {name}")
     if int(settings["pixels_per_patch"]) < 1 or int(settings["positions"]) < 1:
@@ -283,6 +293,7 @@ class GCLObjective(nn.Module):
         """
         x = torch.cat([batch["view1"], batch["view2"]], dim=0)
         levels = self.backbone.encode(x)
+        self.levels = levels   # the variance floor reads the levels themselves, outside the surgery
         return [levels[i].to(torch.promote_types(levels[i].dtype, torch.float32), copy=True)
                 for i in self.shared_levels]
 
@@ -344,10 +355,14 @@ class GCLObjective(nn.Module):
         """
         shared = self.shared_outputs(batch)
         losses, logs = self.task_losses(shared, batch)
+        position = self.position_term(logs)
         if self.gradient_log is not None and self.training:
             step = self.gradient_log.step_to_measure(batch)
             if step is not None:
-                self.gradient_log.report(step, encoder_gradient_norms(self.branch_totals, self.encoder_parameters()))
+                terms = dict(self.branch_totals)
+                if "position" in logs:
+                    terms["position"] = position
+                self.gradient_log.report(step, encoder_gradient_norms(terms, self.encoder_parameters()))
         self.branch_totals = {}
         total = torch.stack([loss.to(torch.promote_types(loss.dtype, torch.float32)) for loss in losses]).sum()
         mode = self.settings["mitigator"]
@@ -361,12 +376,26 @@ class GCLObjective(nn.Module):
                 correction, conflicts = self._param_correction(losses, generator)
             surrogate = total + correction - correction.detach()
             logs["conflicts"] = conflicts
+        # The variance floor is no meta-label task: it is added after the surgery, not projected.
+        surrogate = surrogate + position
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # DDP expects a gradient for every parameter; the decoder takes no part in GCL.
             surrogate = surrogate + sum(p.reshape(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
         for k, name in enumerate(self.meta_names):
             logs[f"L_{name}"] = float(losses[k].detach())
         return surrogate, logs
+
+    def position_term(self, logs: Dict[str, float]) -> torch.Tensor:
+        """``position_weight`` x the variance floor across the batch's views on ``position_levels``."""
+        levels = self.levels
+        self.levels = None
+        weight = float(self.settings["position_weight"])
+        names = list(self.settings["position_levels"])
+        if weight == 0 or not names:
+            return levels[0].sum() * 0.0
+        term = torch.stack([position_variance_loss(levels[LEVEL_NAMES.index(name)]) for name in names]).mean()
+        logs["position"] = float(term.detach())
+        return weight * term
 
     def _feature_correction(self, losses, shared, generator):
         size = shared[0].shape[0] // 2

@@ -21,6 +21,9 @@ computes::
         + alpha * L_label(proj_enc2(V1)[sampled], proj_enc2(V2)[sampled])
         + beta  * L_recon        (MSE of the reconstruction of V1, V1', V2
                                    against each view before intensity augmentation)
+        + position_weight * mean_{position_levels} L_floor(V1, V1', V2)
+                                  (position_variance_loss: the views' features at one
+                                   position must vary across views; ours)
 
 ``L_id`` is normalised per channel pair (``identity_reduction="mean"``) and a
 level is skipped in a step where the batch has fewer corresponding pixels than
@@ -55,7 +58,8 @@ from ..data.views import (
     view_crop_shape,
 )
 from ..errors import InputError
-from ..losses import flatten_feature_map, identity_loss, label_contrastive_loss, sample_boundary_weighted
+from ..losses import (flatten_feature_map, identity_loss, label_contrastive_loss, position_variance_loss,
+                      sample_boundary_weighted)
 from ..models.backbones import LEVEL_NAMES
 from .term_gradients import TermGradientLog, encoder_gradient_norms
 
@@ -89,12 +93,15 @@ DEFAULTS: Dict[str, Any] = {
     "pair_attempts": 8,            # draws of P1/P2 until the pair shows two organs where the cases have them (ours)
     "label_tile_size": 4096,       # label loss computed in tiles of this many rows (memory)
     "gradient_log_every": 50,      # term_gradients event every this many steps, and at step 0 (0: step 0 only)
+    "position_weight": 1.0,        # weight of the per-position variance floor (ours; 0: off, as in the paper)
+    "position_levels": ["enc4", "bottleneck"],  # levels the variance floor holds on (ours)
 }
 
 
 def check_settings(settings: Dict[str, Any]) -> None:
     """Clear errors for settings that cannot work, before any data is read."""
-    unknown = [name for name in settings["identity_levels"] if name not in LEVEL_NAMES]
+    unknown = [name for name in list(settings["identity_levels"]) + list(settings["position_levels"])
+               if name not in LEVEL_NAMES]
     if unknown or settings["label_level"] not in LEVEL_NAMES:
         raise InputError(f"unknown level(s) {unknown or [settings['label_level']]}", path="--set",
                          fix=f"levels are {', '.join(LEVEL_NAMES)}")
@@ -103,7 +110,7 @@ def check_settings(settings: Dict[str, Any]) -> None:
     for name, allowed in choices.items():
         if settings[name] not in allowed:
             raise InputError(f"{name} {settings[name]!r} is not one of {', '.join(allowed)}", path=f"--set {name}")
-    for name in ("alpha", "beta", "lambd", "max_shift"):
+    for name in ("alpha", "beta", "lambd", "max_shift", "position_weight"):
         if settings[name] < 0:
             raise InputError(f"{name} must be >= 0, got {settings[name]}", path="--set")
     if settings["tau"] <= 0 or settings["mu"] <= 0 or settings["eps"] <= 0 or settings["samples_per_class"] < 1:
@@ -301,6 +308,19 @@ def corresponding_rows(z1: torch.Tensor, z2: torch.Tensor, pairs: Optional[torch
     return rows1, rows2
 
 
+def position_floor(levels: Sequence[torch.Tensor], settings: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The variance floor across all encoded views (V1, V1', V2) on ``position_levels``, averaged; None when off.
+
+    The reconstruction reaches the deepest levels only through the decoder, which already has the
+    content from the skip connections: without the floor those levels collapse to a position code
+    (docs/pretraining.md, "Position collapse").
+    """
+    names = list(settings["position_levels"])
+    if not settings["position_weight"] or not names:
+        return None
+    return torch.stack([position_variance_loss(levels[LEVEL_NAMES.index(name)]) for name in names]).mean()
+
+
 def _global_count(count: int, device: torch.device) -> int:
     """Rows over all ranks (the identity loss sums over all of them), so every rank skips the same levels."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -397,6 +417,10 @@ class MixCLObjective(nn.Module):
         recon = torch.mean((reconstruction.float() - targets.float()) ** 2)
 
         weighted = {"identity": identity, "label": settings["alpha"] * label, "recon": settings["beta"] * recon}
+        position = position_floor(levels, settings)
+        if position is not None:
+            weighted["position"] = settings["position_weight"] * position
+            logs["position"] = float(position.detach())
         # The label loss is exactly 0 (and so is its gradient) when the pairs hold no negative or no positive.
         logs.update(identity=float(identity.detach()), label=float(label.detach()), recon=float(recon.detach()),
                     label_pixels=float(z1.shape[0] + z2.shape[0]), label_active=float(label.detach() != 0))
@@ -404,7 +428,7 @@ class MixCLObjective(nn.Module):
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         weighted, logs = self.terms(batch)
-        loss = weighted["identity"] + weighted["label"] + weighted["recon"]
+        loss = sum(weighted.values())
         if self.gradient_log is not None and self.training:
             self.gradient_log.count_label_gradient(logs["label_active"] > 0)
             step = self.gradient_log.step_to_measure(batch)

@@ -29,7 +29,7 @@ from ContrastiveSegLib.engine.checkpoint import load_checkpoint
 from ContrastiveSegLib.engine.events import read_events
 from ContrastiveSegLib.errors import InputError
 from ContrastiveSegLib.finetune import run_finetune
-from ContrastiveSegLib.losses import pcgrad
+from ContrastiveSegLib.losses import position_variance_loss, pcgrad
 from ContrastiveSegLib.methods import gcl
 from ContrastiveSegLib.models import build_backbone
 from ContrastiveSegLib.pretrain import method_settings, run_pretrain
@@ -188,6 +188,8 @@ PATCH = (32, 32, 16)
 def _objective(mitigator, meta_names=("dataset", "case", "position"), **overrides):
     torch.manual_seed(0)
     backbone = build_backbone(ModelConfig(architecture="unet", size="tiny", out_channels=3, patch_size=PATCH))
+    # The variance floor is off unless a test asks for it: the mitigator tests compare against the tasks alone.
+    overrides = {"position_weight": 0.0, **overrides}
     settings = dict(gcl.DEFAULTS, mitigator=mitigator, image_head_dims=[16, 8], pixels_per_patch=16, **overrides)
     return gcl.GCLObjective(backbone, settings, list(meta_names), seed=5)
 
@@ -296,6 +298,29 @@ def test_param_mode_is_pcgrad_on_the_encoder_parameters():
         offset += p.numel()
     _assert_all_close(got, expected, "encoder")
     _assert_all_close(got, _plain_head_grads(objective, losses, heads), "heads")
+
+
+@pytest.mark.parametrize("mitigator", ["feature", "off"])
+def test_position_floor_is_added_after_the_surgery(mitigator):
+    """Gradient = the mitigator's gradient without the floor + weight x the floor's own gradient."""
+    batch = _batch(CONTRADICTING)
+    _, _, without = _surrogate_grads(_objective(mitigator, pixel_weight=0.01), batch)
+    objective = _objective(mitigator, pixel_weight=0.01, position_weight=0.5, position_levels=["enc4", "bottleneck"])
+    loss, logs, got = _surrogate_grads(objective, batch)
+    levels = objective.backbone.encode(torch.cat([batch["view1"], batch["view2"]]))
+    floor = (position_variance_loss(levels[3]) + position_variance_loss(levels[4])) / 2
+    assert logs["position"] == pytest.approx(float(floor), rel=1e-4) and float(floor) > 0
+    params = dict(objective.named_parameters())
+    names = [n for n in params if got[n] is not None]
+    extra = torch.autograd.grad(0.5 * floor, [params[n] for n in names], allow_unused=True)
+    expected = {n: (without[n] if without[n] is not None else 0) + (e if e is not None else 0)
+                for n, e in zip(names, extra)}
+    _assert_all_close({n: got[n] for n in names}, expected)
+    assert any(e is not None and float(e.abs().sum()) > 0 for e in extra)   # the floor reaches the encoder
+    from ContrastiveSegLib.errors import InputError
+
+    with pytest.raises(InputError, match="unknown level"):
+        gcl.check_settings(dict(gcl.DEFAULTS, position_levels=["enc9"]), 2)
 
 
 def test_off_and_a_single_meta_label_give_the_plain_sum():

@@ -20,6 +20,7 @@ SIGNATURES = {
     "boundary_weight_map": "(mask, mu=8.0, eps=0.05)",
     "sample_boundary_weighted": "(label, r, mu=8.0, eps=0.05, background=0, generator=None)",
     "supcon_loss": "(z, labels, tau=0.1)",
+    "position_variance_loss": "(features, target=1.0, eps=0.0001)",
     "pcgrad": "(grads, generator=None)",
     "pcgrad_per_sample": "(grads, generator=None)",
     "gradient_filter_mask": "(logits, targets, keep_fraction, valid=None)",

@@ -17,7 +17,7 @@ from ContrastiveSegLib.data.preprocess import CasePreparer
 from ContrastiveSegLib.data.sources import prepare_sources, vocabulary
 from ContrastiveSegLib.engine.checkpoint import load_checkpoint
 from ContrastiveSegLib.engine.events import read_events
-from ContrastiveSegLib.losses import flatten_feature_map, identity_loss, label_contrastive_loss
+from ContrastiveSegLib.losses import flatten_feature_map, identity_loss, label_contrastive_loss, position_variance_loss
 from ContrastiveSegLib.methods import mixcl
 from ContrastiveSegLib.models import build_backbone
 from ContrastiveSegLib.pretrain import method_settings, run_pretrain
@@ -158,7 +158,7 @@ def _batch(objective, seed=0):
 
 
 PAPER = {"identity_reduction": "sum", "lambd": 0.0051, "skip_thin_levels": False, "background_negatives": False,
-         "view_geometry": "shared"}
+         "view_geometry": "shared", "position_weight": 0.0}
 
 
 def test_objective_equals_the_sum_of_its_terms_computed_directly():
@@ -198,6 +198,25 @@ def test_objective_equals_the_sum_of_its_terms_computed_directly():
     expected = identity + 0.3 * label + 0.7 * recon
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
     assert logs["label_pixels"] == float((batch["label1"] >= 0).sum() + (batch["label2"] >= 0).sum())
+
+
+def test_position_floor_adds_its_weighted_loss_on_all_encoded_views():
+    """The variance floor: weight x mean over its levels of position_variance_loss over V1, V1' and V2."""
+    batch = _batch(None, seed=2)
+    plain, _ = _tiny_objective(position_weight=0.0)(batch)
+    objective = _tiny_objective(position_weight=0.5, position_levels=["enc4", "bottleneck"])
+    loss, logs = objective(batch)
+    views = batch["views"]
+    levels = objective.backbone.encode(views.transpose(0, 1).reshape(-1, *views.shape[2:]))
+    floor = (position_variance_loss(levels[3]) + position_variance_loss(levels[4])) / 2
+    torch.testing.assert_close(loss, plain + 0.5 * floor, rtol=1e-4, atol=1e-5)
+    assert logs["position"] == pytest.approx(float(floor), rel=1e-4) and float(floor) > 0
+    from ContrastiveSegLib.errors import InputError
+
+    with pytest.raises(InputError, match="unknown level"):
+        mixcl.check_settings(dict(mixcl.DEFAULTS, position_levels=["enc9"]))
+    with pytest.raises(InputError, match="position_weight must be >= 0"):
+        mixcl.check_settings(dict(mixcl.DEFAULTS, position_weight=-1.0))
 
 
 def test_objective_gradients_reach_encoder_projectors_and_reconstruction_head():
@@ -249,9 +268,9 @@ def test_pretrain_on_mixed_label_sets_then_finetune_from_it(tmp_path, mixed_data
     assert config["method"]["alpha"] == mixcl.DEFAULTS["alpha"] and config["train"]["batch_size"] == 2
     events = read_events(str(run / "events.jsonl"))
     steps = [e for e in events if e["event"] == "step"]
-    assert {"identity", "label", "recon", "id_enc2", "label_active"} <= set(steps[-1]["losses"])
+    assert {"identity", "label", "recon", "position", "id_enc2", "label_active"} <= set(steps[-1]["losses"])
     gradients = [e for e in events if e["event"] == "term_gradients"]
-    assert gradients[0]["step"] == 0 and set(gradients[0]["norms"]) == {"identity", "label", "recon"}
+    assert gradients[0]["step"] == 0 and set(gradients[0]["norms"]) == {"identity", "label", "recon", "position"}
     assert all(value >= 0 for value in gradients[0]["norms"].values())
     share = [e for e in events if e["event"] == "label_gradients"]
     assert len(share) == 1 and share[0]["batches"] == 3 and 0 <= share[0]["share"] <= 1
