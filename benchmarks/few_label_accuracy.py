@@ -14,10 +14,15 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 * ``old``: the recipe before issue 11: CT window [-150, 250] HU -> [0, 1], intensity-only augmentation;
 * ``zscore``: ``old`` with ``--intensity ct_zscore`` (change 1 alone);
 * ``spatial``: ``old`` with the spatial augmentation (change 2 alone);
-* ``new``: both; ``new_mirror``: both, plus mirroring along every axis (so that TTA has axes to flip).
+* ``new``: both; ``new_mirror``: both, plus mirroring along every axis (so that TTA has axes to flip);
+* ``phase``: ``old`` with contrast-phase augmentation (``--contrast-phase-prob 0.5``), also with the
+  spatial augmentation (``phase_spatial``) or ``ct_zscore`` (``phase_zscore``);
+* ``thin``: ``old`` with a 96 x 96 x 16 patch instead of 64 x 64 x 32 (``thin_phase``: and ``phase``).
+
+``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
 Rows scored from each trained model (no retraining): ``plain``; ``+pp``, the largest-component rule
-X
+chosen on patient A; ``+pp+tta``, that and ``predict --tta`` (flips along the trained mirror axes:
 none unless mirrored); and for ``old`` also ``+tta_all_axes``, the previous TTA (8 flips, left-right
 included) on a network never trained mirrored.
 
@@ -45,23 +50,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+# The patch before issue 11's measurements (64 x 64 x 32, the demo's until then) is written out, so that a
+# variant does not change when the demo's own settings do.
+OLD_PATCH = (64, 64, 32)
+THIN_PATCH = (96, 96, 16)
 VARIANTS = {
-    "old": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": ()},
-    "zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": ()},
-    "spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": ()},
-    "new": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": ()},
-    "new_mirror": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": (0, 1, 2)},
-    "thin": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": (96, 96, 16)},
-    "phase": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "contrast_phase_prob": 0.5},
-    "phase_spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
+    "old": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH},
+    "zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH},
+    "spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH},
+    "new": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH},
+    "new_mirror": {"intensity": "ct_zscore", "augmentation": "spatial", "mirror_axes": (0, 1, 2), "patch": OLD_PATCH},
+    "phase": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
+              "contrast_phase_prob": 0.5},
+    "phase_spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
                       "contrast_phase_prob": 0.5},
-    "phase_zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": (),
+    "phase_zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                      "contrast_phase_prob": 0.5},
+    "thin": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": THIN_PATCH},
+    "thin_phase": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": THIN_PATCH,
+                   "contrast_phase_prob": 0.5},
 }
 
 
-def variant_config(variant: str, seed: int, steps: int):
-    """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A."""
+def variant_config(variant: str, seed: int, steps: int, init: str = ""):
+    """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A.
+
+    ``init``: a pre-training checkpoint to start from (``finetune --init``; encoder at 0.1 x lr).
+    """
     from ContrastiveSegLib.demo import demo_config
 
     config = demo_config(quick=False, device="cpu", max_steps=steps)
@@ -70,9 +85,9 @@ def variant_config(variant: str, seed: int, steps: int):
     config.preprocess.intensity_stats = None
     config.train.augmentation = settings["augmentation"]
     config.train.mirror_axes = tuple(settings["mirror_axes"])
-    if "patch" in settings:
-        config.model.patch_size = tuple(settings["patch"])
+    config.model.patch_size = tuple(settings["patch"])
     config.train.contrast_phase_prob = settings.get("contrast_phase_prob", 0.0)
+    config.init_checkpoint = init or None
     config.train.seed = seed
     config.train.val_every = 0
     config.train.checkpoint_every = 0
@@ -81,7 +96,7 @@ def variant_config(variant: str, seed: int, steps: int):
     return config
 
 
-def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0) -> dict:
+def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, init: str = "") -> dict:
     """Train one variant with one seed into ``out``, score every row; the result as a dict."""
     import warnings
 
@@ -96,7 +111,7 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0) -> 
         torch.set_num_threads(threads)
     run_dir = os.path.join(out, "run")
     started = time.perf_counter()
-    run_finetune(variant_config(variant, seed, steps), run_dir, progress=False)
+    run_finetune(variant_config(variant, seed, steps, init), run_dir, progress=False)
     train_seconds = time.perf_counter() - started
     model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
     decision = model.postprocess
@@ -119,7 +134,8 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0) -> 
         score("+pp+tta", tta=True, postprocess=decision)
     if variant == "old":
         score("+tta_all_axes", tta=True, mirror_axes=(0, 1, 2))
-    return {"variant": variant, "seed": seed, "steps": steps, "train_seconds": round(train_seconds, 1),
+    return {"variant": variant, "seed": seed, "steps": steps, "init": init or None,
+            "train_seconds": round(train_seconds, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "postprocess": decision, "rows": rows,
             "intensity_stats": model.config.preprocess.intensity_stats}
@@ -200,6 +216,8 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=1, help="seeds trained at the same time (default: 1)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per training process (0: torch's default; 1 is faster on a busy CPU)")
+    parser.add_argument("--init", default="", metavar="CKPT",
+                        help="start every run from this pre-training checkpoint (finetune --init; default: scratch)")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print a RESULTS.json's summary as Markdown and stop")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -212,7 +230,7 @@ def main() -> int:
         variant, seed = args.one[0], int(args.one[1])
         folder = os.path.join(out, f"{variant}-seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads)))
+        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads, args.init)))
         return 0
     os.makedirs(out, exist_ok=True)
     results = []
@@ -225,7 +243,7 @@ def main() -> int:
         # Variants of one seed run one after another; --parallel runs several seeds at once.
         for variant in variants:
             command = [sys.executable, os.path.abspath(__file__), "--one", variant, str(seed), "--steps",
-                       str(args.steps), "--out", out, "--threads", str(args.threads)]
+                       str(args.steps), "--out", out, "--threads", str(args.threads), "--init", args.init]
             completed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
             if completed.returncode != 0:
                 raise RuntimeError(f"{variant} seed {seed} failed:\n{completed.stderr[-3000:]}")
