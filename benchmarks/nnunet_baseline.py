@@ -1,11 +1,19 @@
 """nnU-Net v2 on the demo task, for ``few_label_accuracy.py --nnunet`` (or alone, see ``main``).
 
-What a user would pick instead: nnU-Net v2 from PyPI, in a virtual environment of its own (CPU torch
-2.13.0 installed together with it, so pip does not pull a CUDA build), trained on patient A for the
-demo's four organs and scored on patient B exactly as ContrastiveSeg is (``evaluate`` on B's own grid).
+What a user would pick instead: nnU-Net v2 from PyPI, in a virtual environment of its own, trained on
+patient A for the demo's four organs and scored on patient B exactly as ContrastiveSeg is (``evaluate``
+on B's own grid).
+
+The environment differs from ``pip install nnunetv2`` in two ways (see ``install``): CPU torch 2.13.0 is
+installed first, so pip does not pull a CUDA build; and ``timm`` (with it ``torchvision``) is left out.
+timm is needed only by the transformer networks of dynamic-network-architectures, which the default
+U-Net does not use, and PyPI's torchvision does not load next to the CPU torch. So ``nnunetv2`` and
+``dynamic-network-architectures`` are installed with ``--no-deps`` and their declared dependencies,
+minus timm, in one further ``pip install``.
 
 Changed from nnU-Net's defaults, and nothing else: the trainer ``nnUNetTrainerWallclock`` (written into
-the environment's nnunetv2 package, where nnU-Net looks trainers up by name) runs 25 training and
+the environment's nnunetv2 package, in ``training/nnUNetTrainer/`` where nnU-Net looks trainers up by
+name before importing the subpackages that need timm) runs 25 training and
 2 validation iterations per epoch instead of 250 and 50, and ends training at the first epoch end after
 ``budget_s`` seconds of training (saving ``checkpoint_final.pth`` as a normal end would); the 3d_fullres
 configuration, fold ``all`` (the one scan trains; nnU-Net's validation then reuses it), device ``cpu``.
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,17 +38,21 @@ sys.path.insert(0, ROOT)
 
 DATASET_ID, DATASET_NAME = 501, "Dataset501_DemoPatientA"
 
-TRAINER = '''import os
+TRAINER = '''import json
+import os
 import time
 
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class nnUNetTrainerWallclock(nnUNetTrainer):
     """nnU-Net's trainer with short epochs that stops at a wall-clock budget (WALLCLOCK_BUDGET_S)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # nnU-Net records its trainer's arguments by inspecting this signature, so it repeats the parent's
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = 25
         self.num_val_iterations_per_epoch = 2
         self.budget_s = float(os.environ["WALLCLOCK_BUDGET_S"])
@@ -51,10 +64,30 @@ class nnUNetTrainerWallclock(nnUNetTrainer):
 
     def on_epoch_end(self):
         super().on_epoch_end()
-        if time.time() - self.training_started > self.budget_s:
+        seconds = time.time() - self.training_started
+        if seconds > self.budget_s:
             self.on_train_end()
+            # what the benchmark reports: on_epoch_end has already counted this epoch
+            with open(os.path.join(self.output_folder, "wallclock.json"), "w") as handle:
+                json.dump({"epochs": self.current_epoch, "iterations": self.current_epoch *
+                           self.num_iterations_per_epoch, "training_seconds": round(seconds, 1)}, handle)
             raise SystemExit(0)
 '''
+
+# timm is required by dynamic-network-architectures only for its transformer networks (Primus, EVA), which
+# the default 3d_fullres U-Net never imports; timm in turn pulls torchvision, and PyPI's torchvision is
+# built against PyPI's CUDA torch, so with the CPU torch its compiled operators do not load and importing
+# it fails ("operator torchvision::nms does not exist"). These two packages are therefore installed
+# without their dependencies, and their dependencies are installed from their metadata minus LEFT_OUT.
+WITHOUT_DEPS = ("nnunetv2", "dynamic-network-architectures")
+LEFT_OUT = ("timm",)
+TORCH = "torch==2.13.0"
+
+_REQUIRES = "import importlib.metadata as m, json, sys; print(json.dumps(m.requires(sys.argv[1]) or []))"
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[(]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
 def _run(stage: str, command, env=None, log=None) -> dict:
@@ -102,6 +135,28 @@ def write_raw_dataset(raw: str) -> tuple:
     return folder, test_folder
 
 
+def install(python: str, stage) -> bool:
+    """The CPU torch, nnunetv2 and its dependencies without LEFT_OUT (see WITHOUT_DEPS)."""
+    pip = [python, "-m", "pip", "install", "--quiet"]
+    # torch first and alone: left to nnunetv2's requirement, pip would pull a multi-GB CUDA build
+    if not stage("install torch", pip + [TORCH]):
+        return False
+    pending, others = ["nnunetv2"], []
+    while pending:
+        requirement = pending.pop(0)
+        if not stage(f"install {_name(requirement)} without dependencies", pip + ["--no-deps", requirement]):
+            return False
+        listed = subprocess.run([python, "-c", _REQUIRES, _name(requirement)], capture_output=True, text=True)
+        for dependency in json.loads(listed.stdout or "[]"):
+            if "extra ==" in dependency or _name(dependency) in LEFT_OUT:
+                continue
+            if _name(dependency) in WITHOUT_DEPS:
+                pending.append(dependency)
+            elif dependency not in others:
+                others.append(dependency)
+    return stage("install dependencies", pip + [TORCH] + others)
+
+
 def run_nnunet_comparison(out: str, budget_s: float, venv: str = "") -> dict:
     """Install, plan, train for ``budget_s`` seconds, predict and score; every stage's seconds, or where it failed."""
     from ContrastiveSegLib.demo import heldout_reference_names, sample_paths
@@ -126,16 +181,17 @@ def run_nnunet_comparison(out: str, budget_s: float, venv: str = "") -> dict:
     if not os.path.exists(python):
         if not stage("venv", [sys.executable, "-m", "venv", venv]):
             return report
-        # torch first (together): alone, nnunetv2 would pull a multi-GB CUDA torch
-        if not stage("install", [python, "-m", "pip", "install", "--quiet", "torch==2.13.0", "nnunetv2"]):
+        if not install(python, stage):
             return report
-    version = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('nnunetv2'))"],
-                             capture_output=True, text=True).stdout.strip()
-    report["nnunetv2"] = version
+    versions = subprocess.run([python, "-c", "import importlib.metadata as m, json; print(json.dumps({n: m.version(n) "
+                               "for n in ('nnunetv2', 'torch', 'dynamic_network_architectures')}))"],
+                              capture_output=True, text=True).stdout.strip()
+    report["versions"] = json.loads(versions or "{}")
     package = subprocess.run([python, "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"],
                              capture_output=True, text=True).stdout.strip()
-    trainer_dir = os.path.join(package, "training", "nnUNetTrainer", "variants", "benchmark")
-    os.makedirs(trainer_dir, exist_ok=True)
+    # nnU-Net finds a trainer by importing the modules of nnUNetTrainer/ before descending into its
+    # subpackages; placed there, the trainer is found before primus/ (which imports timm) is imported
+    trainer_dir = os.path.join(package, "training", "nnUNetTrainer")
     with open(os.path.join(trainer_dir, "nnUNetTrainerWallclock.py"), "w", encoding="utf-8") as handle:
         handle.write(TRAINER)
     raw, preprocessed, results = (os.path.join(work, n) for n in ("raw", "preprocessed", "results"))
@@ -150,6 +206,9 @@ def run_nnunet_comparison(out: str, budget_s: float, venv: str = "") -> dict:
     if not stage("train", [os.path.join(bin_dir, "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all",
                            "-tr", "nnUNetTrainerWallclock", "-device", "cpu"], env):
         return report
+    trained = os.path.join(results, DATASET_NAME, "nnUNetTrainerWallclock__nnUNetPlans__3d_fullres", "fold_all")
+    with open(os.path.join(trained, "wallclock.json"), encoding="utf-8") as handle:
+        report["training"] = json.load(handle)
     prediction_folder = os.path.join(work, "prediction")
     if not stage("predict", [os.path.join(bin_dir, "nnUNetv2_predict"), "-i", test_folder, "-o", prediction_folder,
                              "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", "nnUNetTrainerWallclock",
