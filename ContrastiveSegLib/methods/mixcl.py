@@ -58,8 +58,13 @@ from ..data.views import (
     view_crop_shape,
 )
 from ..errors import InputError
-from ..losses import (flatten_feature_map, identity_loss, label_contrastive_loss, position_variance_loss,
-                      sample_boundary_weighted)
+from ..losses import (
+    flatten_feature_map,
+    identity_loss,
+    label_contrastive_loss,
+    position_variance_loss,
+    sample_boundary_weighted,
+)
 from ..models.backbones import LEVEL_NAMES
 from .term_gradients import TermGradientLog, encoder_gradient_norms
 

@@ -134,6 +134,17 @@ def tiny_config(datasets, labels, max_steps=4, val_datasets=(), **train):
     return config
 
 
+def make_scene():
+    """An empty MRML scene (slicer-core) with a colour logic, as Slicer's application gives one."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    color_logic = slicer.vtkMRMLColorLogic()
+    color_logic.SetMRMLScene(scene)
+    scene._color_logic = color_logic   # the logic must live as long as the scene
+    return scene
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)

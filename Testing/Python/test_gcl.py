@@ -29,7 +29,7 @@ from ContrastiveSegLib.engine.checkpoint import load_checkpoint
 from ContrastiveSegLib.engine.events import read_events
 from ContrastiveSegLib.errors import InputError
 from ContrastiveSegLib.finetune import run_finetune
-from ContrastiveSegLib.losses import position_variance_loss, pcgrad
+from ContrastiveSegLib.losses import pcgrad, position_variance_loss
 from ContrastiveSegLib.methods import gcl
 from ContrastiveSegLib.models import build_backbone
 from ContrastiveSegLib.pretrain import method_settings, run_pretrain

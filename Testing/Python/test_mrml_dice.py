@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "ContrastiveSeg"))
 
-from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS  # noqa: E402
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS, make_scene  # noqa: E402
 from ContrastiveSegJob.labels import normalize_label_table  # noqa: E402
 from ContrastiveSegMRML import (  # noqa: E402
     DICE_TABLE_COLUMNS,
@@ -27,14 +26,6 @@ from ContrastiveSegMRML import (  # noqa: E402
 
 IMAGE, LABELS, LABEL_TABLE = Path(SAMPLE_IMAGE), Path(SAMPLE_LABELS), SAMPLE_LABEL_TABLE
 VOXEL_ML = 3.0 * 3.0 * 3.0 / 1000.0  # the sample CT is 3 mm isotropic
-
-
-def make_scene():
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    scene._color_logic = color_logic
-    return scene
 
 
 def shifted(array: np.ndarray, dz: int, dy: int, dx: int) -> np.ndarray:

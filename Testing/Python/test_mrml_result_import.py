@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer
 import vtk
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "ContrastiveSeg"))
 
-from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS  # noqa: E402
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS, make_scene  # noqa: E402
 from ContrastiveSegJob.terminology import organ_from_terminology, terminology_entry  # noqa: E402
 from ContrastiveSegMRML import (  # noqa: E402
     dice_table,
@@ -32,14 +31,6 @@ from ContrastiveSegMRML import (  # noqa: E402
 
 IMAGE, LABELS, LABEL_TABLE = Path(SAMPLE_IMAGE), Path(SAMPLE_LABELS), SAMPLE_LABEL_TABLE
 LIVER, SPLEEN = 5, 1
-
-
-def make_scene():
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    scene._color_logic = color_logic
-    return scene
 
 
 def truth() -> np.ndarray:

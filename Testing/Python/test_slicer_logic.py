@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "ContrastiveSeg"))
 
-from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS  # noqa: E402
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL_TABLE, SAMPLE_LABELS, make_scene  # noqa: E402
 from ContrastiveSegJob.commands import EngineRun, TrainingRequest  # noqa: E402
 from ContrastiveSegJob.devices import CPU_SETTINGS, DeviceInfo, estimate_seconds, recommended_settings  # noqa: E402
 from ContrastiveSegJob.jobfolders import new_job_folder  # noqa: E402
@@ -69,14 +68,6 @@ class FakeRunner(ProcessRunner):
 
     def option(self, flag):
         return self.argv[self.argv.index(flag) + 1]
-
-
-def make_scene():
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    scene._color_logic = color_logic
-    return scene
 
 
 @pytest.fixture
