@@ -49,6 +49,9 @@ def _add_common_training_arguments(parser: argparse.ArgumentParser, default_step
                              "of the training cases' labelled HU and z-score (nnU-Net's CT scheme, statistics saved "
                              "in the run); percentile: 0.5-99.5 %% per image (MR) (default: ct_window)")
     parser.add_argument("--window", default="-150,250", metavar="LOW,HIGH", help="CT window in HU (default: -150,250)")
+    parser.add_argument("--beyond-scan-ends", choices=["continue", "air"], default="continue",
+                        help="what a sliding window sees past the first and last slice of a scan thinner than the "
+                             "patch: continue (its end slices repeated: the body goes on) or air (default: continue)")
     parser.add_argument("--max-steps", type=int, default=default_steps, help=f"{steps_help} (default: {default_steps})")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step and GPU (default: 2)")
     parser.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimisation step (default: 1)")
@@ -301,6 +304,7 @@ def _training_config(args: argparse.Namespace, command: str):
     config.model.patch_size = parse_patch(args.patch)
     config.preprocess.spacing = parse_spacing(args.spacing)
     config.preprocess.intensity = args.intensity
+    config.preprocess.beyond_scan_ends = args.beyond_scan_ends
     try:
         low, high = (float(v) for v in args.window.split(","))
     except ValueError:

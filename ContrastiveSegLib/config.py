@@ -60,6 +60,12 @@ class PreprocessConfig:
     # ct_zscore: {"clip_low", "clip_high", "mean", "std", "voxels"} in HU, computed once per run from the
     # training cases (data.preprocess.intensity_statistics) and reused by predict and validation.
     intensity_stats: Optional[Dict[str, float]] = None
+    # What a sliding window sees past the ends of a scan thinner than the patch along the body's long axis
+    # (the S-I axis of `orientation`): "continue" repeats the end slices, since the body goes on beyond a
+    # scan's first and last slice; "air" fills with padding_value (runs saved before this setting existed,
+    # which RunConfig.from_dict reads as "air" so they predict as before).  In-plane, past the field of
+    # view, is air either way.
+    beyond_scan_ends: str = "continue"
 
     def is_ct(self) -> bool:
         """True when the network's input was CT in HU (so HU rules such as the body mask apply)."""
@@ -163,7 +169,7 @@ class RunConfig:
         return cls(
             command=data.get("command", "finetune"),
             model=build(ModelConfig, data.get("model", {})),
-            preprocess=build(PreprocessConfig, data.get("preprocess", {})),
+            preprocess=build(PreprocessConfig, {"beyond_scan_ends": "air", **data.get("preprocess", {})}),
             train=build(TrainConfig, data.get("train", {})),
             data=build(DataConfig, data.get("data", {})),
             postprocess=build(PostprocessConfig, data.get("postprocess", {})),

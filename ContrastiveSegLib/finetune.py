@@ -58,7 +58,7 @@ def predict_prepared(backbone: torch.nn.Module, case: PreparedCase, patch_size: 
     from .data.preprocess import mask_outside_prepared_body
 
     probabilities = sliding_window_probabilities(backbone, torch.from_numpy(case.image), patch_size, overlap=overlap,
-                                                 fill=case.fill)
+                                                 fill=case.fill, continue_axes=case.continued_axes)
     return mask_outside_prepared_body(probabilities.argmax(0).cpu().numpy().astype(np.uint8), case)
 
 
@@ -211,7 +211,10 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
     if not prepared_train:
         raise InputError("no training case labels any of the chosen organs", path="--data",
                          fix="check --labels against the datasets' label names")
-    prepared_val = preparer.prepare_all(val_cases, progress=progress and context.is_main) if context.is_main else []
+    # Validation cases are not padded to the patch: the sliding window meets their ends as predict's does
+    # (continued along the body's axis, PreprocessConfig.beyond_scan_ends), and Dice counts only the scan.
+    val_preparer = CasePreparer(config.preprocess, targets, cache_dir=config.data.cache_dir)
+    prepared_val = val_preparer.prepare_all(val_cases, progress=progress and context.is_main) if context.is_main else []
     if context.is_main and not prepared_val:
         warnings.warn("no validation cases (a single labelled case, or none held out): best.pt is not written and "
                       "prediction uses the last checkpoint. Give --val-data or more cases to validate.")

@@ -21,6 +21,10 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
+Every variant predicts with the scan's ends as air (``--beyond-scan-ends air``, what every run did before
+the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
+continued, today's default.  ``--rescore OUT ...`` scores runs trained by an earlier invocation again.
+
 Rows scored from each trained model (no retraining): ``plain``; ``+pp``, the largest-component rule
 chosen on patient A; ``+pp+tta``, that and ``predict --tta`` (flips along the trained mirror axes:
 none unless mirrored); and for ``old`` also ``+tta_all_axes``, the previous TTA (8 flips, left-right
@@ -54,6 +58,8 @@ sys.path.insert(0, ROOT)
 # variant does not change when the demo's own settings do.
 OLD_PATCH = (64, 64, 32)
 THIN_PATCH = (96, 96, 16)
+# Every variant below trains as before the scan-end setting existed and predicts with its ends as air; the
+# rows "+continue" score the same networks with the ends continued (an inference-time setting).
 VARIANTS = {
     "old": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH},
     "zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH},
@@ -87,6 +93,7 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
     config.train.mirror_axes = tuple(settings["mirror_axes"])
     config.model.patch_size = tuple(settings["patch"])
     config.train.contrast_phase_prob = settings.get("contrast_phase_prob", 0.0)
+    config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
     config.train.seed = seed
     config.train.val_every = 0
@@ -102,7 +109,6 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, ini
 
     import torch
 
-    from ContrastiveSegLib.demo import score_heldout
     from ContrastiveSegLib.engine.inference import load_model
     from ContrastiveSegLib.finetune import run_finetune
 
@@ -114,17 +120,36 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, ini
     run_finetune(variant_config(variant, seed, steps, init), run_dir, progress=False)
     train_seconds = time.perf_counter() - started
     model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
-    decision = model.postprocess
+    rows = score_rows(model, variant, out)
+    return {"variant": variant, "seed": seed, "steps": steps, "init": init or None,
+            "train_seconds": round(train_seconds, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "postprocess": model.postprocess, "rows": rows,
+            "intensity_stats": model.config.preprocess.intensity_stats}
+
+
+def score_rows(model, variant: str, out: str) -> dict:
+    """Every row of one trained model on patient B: {row: {"dice", "mean_dice", "predict_seconds"}}.
+
+    ``plain`` and ``+pp`` (the largest-component rule chosen on A); ``+pp+tta`` when the run trained
+    mirrored; ``+continue`` and ``+pp+continue`` when it predicts with the scan's ends as air (the same
+    network, the ends continued); ``+tta_all_axes`` for ``old``.
+    """
+    from ContrastiveSegLib.demo import score_heldout
+
+    decision, preprocess = model.postprocess, model.config.preprocess
     rows = {}
 
-    def score(row: str, tta: bool = False, postprocess=None, mirror_axes=None):
+    def score(row: str, tta: bool = False, postprocess=None, mirror_axes=None, ends=None):
         model.postprocess = postprocess
-        saved_axes = model.config.train.mirror_axes
+        saved_axes, saved_ends = model.config.train.mirror_axes, preprocess.beyond_scan_ends
         if mirror_axes is not None:
             model.config.train.mirror_axes = mirror_axes
+        if ends is not None:
+            preprocess.beyond_scan_ends = ends
         begin = time.perf_counter()
         metrics = score_heldout(model, out, flip_tta=tta)[0]
-        model.config.train.mirror_axes = saved_axes
+        model.config.train.mirror_axes, preprocess.beyond_scan_ends = saved_axes, saved_ends
         rows[row] = {"dice": metrics["dice"], "mean_dice": metrics["mean_dice"],
                      "predict_seconds": round(time.perf_counter() - begin, 2)}
 
@@ -132,13 +157,34 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, ini
     score("+pp", postprocess=decision)
     if tuple(model.config.train.mirror_axes):
         score("+pp+tta", tta=True, postprocess=decision)
+    if preprocess.beyond_scan_ends == "air":
+        score("+continue", ends="continue")
+        score("+pp+continue", postprocess=decision, ends="continue")
     if variant == "old":
         score("+tta_all_axes", tta=True, mirror_axes=(0, 1, 2))
-    return {"variant": variant, "seed": seed, "steps": steps, "init": init or None,
-            "train_seconds": round(train_seconds, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "postprocess": decision, "rows": rows,
-            "intensity_stats": model.config.preprocess.intensity_stats}
+    model.postprocess = decision
+    return rows
+
+
+def rescore(folder: str) -> list:
+    """Score every trained run under ``folder`` (``VARIANT-seedS/run``, as this benchmark writes them) again,
+    with today's rows; the runs' training is not repeated (train seconds are kept from RESULTS.json)."""
+    import glob
+
+    import torch
+
+    from ContrastiveSegLib.engine.inference import load_model
+
+    results = []
+    for run_dir in sorted(glob.glob(os.path.join(folder, "*-seed*", "run"))):
+        name = os.path.basename(os.path.dirname(run_dir))
+        variant, seed = name.rsplit("-seed", 1)
+        model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
+        rows = score_rows(model, variant, os.path.dirname(run_dir))
+        results.append({"variant": variant, "seed": int(seed), "run": run_dir, "train_seconds": 0.0, "rows": rows})
+        print(f"{name}: " + ", ".join(f"{row} {values['mean_dice']:.3f}" for row, values in rows.items()),
+              file=sys.stderr, flush=True)
+    return results
 
 
 def summarise(results: list) -> dict:
@@ -219,12 +265,26 @@ def main() -> int:
     parser.add_argument("--init", default="", metavar="CKPT",
                         help="start every run from this pre-training checkpoint (finetune --init; default: scratch)")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print a RESULTS.json's summary as Markdown and stop")
+    parser.add_argument("--rescore", nargs="+", metavar="OUT",
+                        help="score the runs an earlier invocation trained into OUT again, with every row; writes "
+                             "RESCORED.json and prints the table (no training)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     if args.table:
         with open(args.table, encoding="utf-8") as handle:
             print(markdown_table(json.load(handle)["summary"]))
+        return 0
+    if args.rescore:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        results = [result for folder in args.rescore for result in rescore(os.path.abspath(folder))]
+        summary = summarise(results)
+        with open(os.path.join(os.path.abspath(args.rescore[0]), "RESCORED.json"), "w", encoding="utf-8") as handle:
+            json.dump({"command": "python benchmarks/few_label_accuracy.py " + " ".join(sys.argv[1:]),
+                       "results": results, "summary": summary}, handle, indent=1)
+        print(markdown_table(summary))
         return 0
     if args.one:
         variant, seed = args.one[0], int(args.one[1])

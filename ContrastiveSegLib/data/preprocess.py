@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -114,6 +114,24 @@ def padding_value(config: PreprocessConfig) -> float:
     z-score of the clip's lower bound, since 0 there is the organs' mean, soft tissue.
     """
     return normalised_range(config)[0]
+
+
+def continued_axes(config: PreprocessConfig) -> tuple:
+    """Axes of the preprocessing grid along which a scan thinner than the patch is continued, not padded.
+
+    ``(2,)`` for ``"RAS"`` and ``beyond_scan_ends == "continue"``: a CT covers a slab of a longer body,
+    so past its first and last slice lies more body, not air; a sliding window shown air there sees an
+    end of the body that no training patch had (the demo's patient B: 13 slices at 3 mm in a 32-slice
+    window).  ``()`` for ``"air"``.
+    """
+    if config.beyond_scan_ends == "air":
+        return ()
+    if config.beyond_scan_ends != "continue":
+        raise ValueError(f"unknown beyond_scan_ends {config.beyond_scan_ends!r}: 'continue' or 'air'")
+    for axis, code in enumerate(config.orientation.upper()):
+        if code in "SI":
+            return (axis,)
+    raise ValueError(f"orientation {config.orientation!r} has no superior-inferior axis")
 
 
 def normalised_range(config: PreprocessConfig) -> tuple:
@@ -314,6 +332,7 @@ class PreparedCase:
     affine: np.ndarray
     body: Optional[np.ndarray] = None
     fill: float = 0.0   # the image value beyond the scan's edge (:func:`padding_value`)
+    continued_axes: Tuple[int, ...] = ()   # axes a sliding window continues the scan along (:func:`continued_axes`)
 
 
 class CasePreparer:
@@ -385,7 +404,7 @@ class CasePreparer:
         if self.config.is_ct():
             body = prepared_body_mask(image, self.config, self.pad_to)
         return PreparedCase(case.case_id, image_array, label_array, np.asarray(out["image"].affine, dtype=np.float64),
-                            body, padding_value(self.config))
+                            body, padding_value(self.config), continued_axes(self.config))
 
     # --- optional disk cache -------------------------------------------------------------------------
     def _cache_path(self, case: Case, with_label: bool) -> Optional[str]:
@@ -409,7 +428,7 @@ class CasePreparer:
             label = stored["label"] if "label" in stored.files else None
             body = stored["body"] if "body" in stored.files else None
             return PreparedCase(case.case_id, stored["image"], label, stored["affine"], body,
-                                padding_value(self.config))
+                                padding_value(self.config), continued_axes(self.config))
 
     def _save_to_disk(self, case: Case, with_label: bool, prepared: PreparedCase) -> None:
         path = self._cache_path(case, with_label)

@@ -76,17 +76,20 @@ def run_postprocessing(model_path: str, checkpoint_path: str) -> Optional[Dict]:
 
 def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
                                  overlap: float = 0.5, sw_batch_size: int = 2,
-                                 use_amp: bool = False, fill: float = 0.0) -> torch.Tensor:
+                                 use_amp: bool = False, fill: float = 0.0,
+                                 continue_axes: Sequence[int] = ()) -> torch.Tensor:
     """Softmax probabilities ``[C, X, Y, Z]`` for one preprocessed image ``[1, X, Y, Z]``.
 
-    Windows that reach past the image (a scan thinner than the patch) are filled with ``fill``, the
-    run's :func:`~..data.preprocess.padding_value`, as its training patches were.
+    Along ``continue_axes`` (:func:`~..data.preprocess.continued_axes`), an image thinner than the patch
+    is first extended to the patch by repeating its end slices, evenly at both ends; the probabilities
+    are cut back to the image.  Windows that still reach past the image are filled with ``fill``, the
+    run's :func:`~..data.preprocess.padding_value` (air).
     Test-time flips are :func:`mirrored_probabilities`' job (only the axes the run trained mirrored).
     """
     from monai.inferers import sliding_window_inference
 
     device = next(backbone.parameters()).device
-    batch = image[None].to(device)
+    batch, kept = continue_to_patch(image[None].to(device), patch_size, continue_axes)
 
     def infer(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, enabled=use_amp and device.type == "cuda"):
@@ -96,7 +99,24 @@ def sliding_window_probabilities(backbone: nn.Module, image: torch.Tensor, patch
         return torch.softmax(logits.float(), dim=1)
 
     with torch.no_grad():
-        return infer(batch)[0]
+        return infer(batch)[0][(slice(None),) + kept]
+
+
+def continue_to_patch(batch: torch.Tensor, patch_size: Sequence[int], axes: Sequence[int]) -> tuple:
+    """``(extended, kept)``: ``batch`` ``[N, C, X, Y, Z]`` with its end slices repeated along ``axes``
+    until it is as long as the patch (half the missing slices before, the rest after, as MONAI pads),
+    and the slices of ``extended`` that hold the original image."""
+    kept = [slice(None)] * 3
+    pads = [0] * 6  # F.pad wants (z_low, z_high, y_low, y_high, x_low, x_high)
+    for axis in axes:
+        missing = max(0, int(patch_size[axis]) - int(batch.shape[axis + 2]))
+        if missing:
+            low = missing // 2
+            pads[2 * (2 - axis)], pads[2 * (2 - axis) + 1] = low, missing - low
+            kept[axis] = slice(low, low + int(batch.shape[axis + 2]))
+    if not any(pads):
+        return batch, tuple(kept)
+    return torch.nn.functional.pad(batch, pads, mode="replicate"), tuple(kept)
 
 
 def tta_flips(config: RunConfig) -> tuple:
@@ -115,7 +135,8 @@ def tta_flips(config: RunConfig) -> tuple:
 
 
 def mirrored_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size: Sequence[int], overlap: float,
-                           axes: Sequence[int], swap=None, lateral_axis: int = 0, fill: float = 0.0) -> torch.Tensor:
+                           axes: Sequence[int], swap=None, lateral_axis: int = 0, fill: float = 0.0,
+                           continue_axes: Sequence[int] = ()) -> torch.Tensor:
     """Softmax probabilities ``[C, X, Y, Z]`` averaged over every combination of flips of ``axes``.
 
     Each flipped prediction is flipped back; where the ``lateral_axis`` was flipped its left and right
@@ -130,7 +151,8 @@ def mirrored_probabilities(backbone: nn.Module, image: torch.Tensor, patch_size:
     for combo in combos:
         dims = [a + 1 for a in combo]   # image is [1, X, Y, Z]
         flipped = torch.flip(image, dims) if dims else image
-        p = sliding_window_probabilities(backbone, flipped, patch_size, overlap=overlap, fill=fill)
+        p = sliding_window_probabilities(backbone, flipped, patch_size, overlap=overlap, fill=fill,
+                                         continue_axes=continue_axes)
         p = torch.flip(p, dims) if dims else p
         if swap is not None and lateral_axis in combo:
             p = p[torch.as_tensor(np.asarray(swap), dtype=torch.long, device=p.device)]
@@ -268,21 +290,27 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     from monai.data import MetaTensor
 
     from ..data.io import read_image
-    from ..data.preprocess import affine_from_sitk, build_preprocess_transform, padding_value, to_monai_array
+    from ..data.preprocess import (
+        affine_from_sitk,
+        build_preprocess_transform,
+        continued_axes,
+        padding_value,
+        to_monai_array,
+    )
 
     image = read_image(image_path, as_float32=False) if image is None else image
     on_grid = resample_to_network_grid(image, model.config.preprocess)
     data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(on_grid)), affine=affine_from_sitk(on_grid))}
     prepared = build_preprocess_transform(model.config.preprocess, pad_to=None, with_label=False)(data)["image"]
     tensor = torch.as_tensor(np.asarray(prepared.numpy(), dtype=np.float32))
-    fill = padding_value(model.config.preprocess)
+    fill, ends = padding_value(model.config.preprocess), continued_axes(model.config.preprocess)
     if flip_tta:
         axes, (swap, lateral) = tta_flips(model.config)
         probabilities = mirrored_probabilities(model.backbone, tensor, model.config.model.patch_size, overlap,
-                                               axes, swap, lateral, fill=fill)
+                                               axes, swap, lateral, fill=fill, continue_axes=ends)
     else:
         probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
-                                                     overlap=overlap, fill=fill)
+                                                     overlap=overlap, fill=fill, continue_axes=ends)
     labels = probabilities_to_input_grid(probabilities.cpu().numpy(), np.asarray(prepared.affine, dtype=np.float64),
                                          image)
     if mask_body and model.config.preprocess.is_ct():

@@ -141,7 +141,9 @@ class _SelfTraining(BaselineStage, PseudoLabelStage):
             raise InputError("no labelled training case labels any of the chosen organs", path="--labeled",
                              fix="check --labels against the datasets' label names")
         # Every rank holds the validation cases so all agree on whether there is validation (only rank 0 runs it).
-        self.prepared_val = preparer.prepare_all(self.val_cases, progress=show)
+        # Unpadded, as finetune's: the sliding window meets a thin case's ends as predict's does.
+        self.prepared_val = CasePreparer(config.preprocess, self.targets,
+                                         cache_dir=config.data.cache_dir).prepare_all(self.val_cases, progress=show)
         self.prepared_unlabeled = preparer.prepare_all(self.unlabeled_cases, with_label=False, progress=show)
         self.has_validation = bool(self.prepared_val)
         names = [case.case_id.split("/", 1)[-1] for case in self.unlabeled_cases]

@@ -127,6 +127,12 @@ def test_a_run_written_before_the_recipe_predicts_identically(tmp_path):
     expected = np.load(os.path.join(OLD_RUN, "expected_prediction.npz"))["labels"]
     assert (expected > 0).sum() > 10000   # the fixture's network does label tissue
     np.testing.assert_array_equal(labels, expected)
+    # The sample CT has 15 slices on this 6 mm grid, one fewer than the patch: the saved config, which
+    # predates the setting, keeps air beyond the scan's ends; continuing them would change the labels.
+    assert model.config.preprocess.beyond_scan_ends == "air"
+    model.config.preprocess.beyond_scan_ends = "continue"
+    continued, _ = predict_image(model, os.path.join(SAMPLE_DIR, "abdomen_ct.nii.gz"), overlap=0.5)
+    assert (continued != expected).sum() > 0
 
 
 def test_beyond_the_scan_looks_like_air_after_ct_zscore():
