@@ -83,6 +83,10 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="contrast-phase augmentation: each labelled organ of a patch, with probability P, "
                              "moves by its own offset of -100..+200 HU, for scans of another contrast phase "
                              "than the training scans (CT only; default: 0, off)")
+    parser.add_argument("--hollow-organ-gas-prob", type=float, default=0.0, metavar="P",
+                        help="gas in hollow organs: each stomach, bowel or oesophagus of a patch, with probability "
+                             "P, has its front part turned into gas under a flat level, for scans where it holds "
+                             "gas and the training scans' does not (CT only; default: 0, off)")
     parser.add_argument("--postprocess-on", choices=["validation", "training", "off"], default="validation",
                         help="cases that decide, per organ, whether keeping only its largest connected component "
                              "helps; predict applies the decision (default: validation)")
@@ -374,6 +378,10 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
     if not 0.0 <= args.contrast_phase_prob <= 1.0:
         raise InputError(f"{args.contrast_phase_prob} is not a probability in [0, 1]", path="--contrast-phase-prob")
     config.train.contrast_phase_prob = args.contrast_phase_prob
+    if not 0.0 <= args.hollow_organ_gas_prob <= 1.0:
+        raise InputError(f"{args.hollow_organ_gas_prob} is not a probability in [0, 1]",
+                         path="--hollow-organ-gas-prob")
+    config.train.hollow_organ_gas_prob = args.hollow_organ_gas_prob
     config.postprocess.choose_on = args.postprocess_on
 
 

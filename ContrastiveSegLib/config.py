@@ -101,6 +101,10 @@ class TrainConfig:
     # patch, with this probability, has its intensities moved by its own offset of -100..+200 HU, so that
     # a network trained on scans of one contrast phase does not learn the organs' HU (0: off).
     contrast_phase_prob: float = 0.0
+    # Gas in hollow organs (data/views.py, hollow_organ_gas): each hollow organ among the targets (stomach,
+    # bowel, ...) of a training patch, with this probability, has its most anterior part turned into gas, so
+    # that a network trained on a fluid-filled stomach also knows a gas-filled one (0: off).
+    hollow_organ_gas_prob: float = 0.0
     # Fine-tuning that keeps a pre-trained encoder: its parameters train at encoder_lr_scale x lr
     # (None: 0.1 when the encoder was loaded with --init, else 1.0), and not at all for the first
     # freeze_encoder_steps steps.

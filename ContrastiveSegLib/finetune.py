@@ -110,7 +110,7 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
     augmentation is asked of a normalisation that is not in HU.
     """
     from .data.preprocess import normalised_range, units_per_hu
-    from .data.views import check_mirror_axes, lateral_swap, left_right_axis
+    from .data.views import HOLLOW_ORGANS, anterior_axis, check_mirror_axes, lateral_swap, left_right_axis
 
     axes = tuple(config.train.mirror_axes)
     try:
@@ -127,9 +127,19 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
                              fix="use it with --intensity ct_window or ct_zscore, or leave it at 0")
         contrast_phase = {"prob": float(config.train.contrast_phase_prob), "units_per_hu": scale,
                           "value_range": normalised_range(config.preprocess)}
+    gas = None
+    if config.train.hollow_organ_gas_prob > 0:
+        if not config.preprocess.is_ct():
+            raise InputError(f"gas in hollow organs is CT's air, and intensity {config.preprocess.intensity!r} is "
+                             "not a CT normalisation", path="--hollow-organ-gas-prob",
+                             fix="use it with --intensity ct_window or ct_zscore, or leave it at 0")
+        axis, sign = anterior_axis(config.preprocess.orientation)
+        gas = {"prob": float(config.train.hollow_organ_gas_prob),
+               "classes": [number for number, name in enumerate(targets, start=1) if name in HOLLOW_ORGANS],
+               "air": normalised_range(config.preprocess)[0], "anterior_axis": axis, "anterior_sign": sign}
     return {"augmentation": config.train.augmentation, "mirror_axes": axes,
             "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral,
-            "contrast_phase": contrast_phase}
+            "contrast_phase": contrast_phase, "gas": gas}
 
 
 def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,

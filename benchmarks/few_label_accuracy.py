@@ -17,7 +17,8 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 * ``new``: both; ``new_mirror``: both, plus mirroring along every axis (so that TTA has axes to flip);
 * ``phase``: ``old`` with contrast-phase augmentation (``--contrast-phase-prob 0.5``), also with the
   spatial augmentation (``phase_spatial``) or ``ct_zscore`` (``phase_zscore``);
-* ``thin``: ``old`` with a 96 x 96 x 16 patch instead of 64 x 64 x 32 (``thin_phase``: and ``phase``).
+* ``thin``: ``old`` with a 96 x 96 x 16 patch instead of 64 x 64 x 32 (``thin_phase``: and ``phase``);
+* ``gas``: ``old`` with gas in hollow organs (``--hollow-organ-gas-prob 0.5``; ``phase_gas``: and ``phase``).
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
@@ -75,6 +76,10 @@ VARIANTS = {
     "thin": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": THIN_PATCH},
     "thin_phase": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": THIN_PATCH,
                    "contrast_phase_prob": 0.5},
+    "gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
+            "hollow_organ_gas_prob": 0.5},
+    "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
+                  "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
 
 
@@ -93,6 +98,7 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
     config.train.mirror_axes = tuple(settings["mirror_axes"])
     config.model.patch_size = tuple(settings["patch"])
     config.train.contrast_phase_prob = settings.get("contrast_phase_prob", 0.0)
+    config.train.hollow_organ_gas_prob = settings.get("hollow_organ_gas_prob", 0.0)
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
     config.train.seed = seed

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .preprocess import PreparedCase
-from .views import contrast_phase_shift, intensity_augment, supervised_augment
+from .views import contrast_phase_shift, hollow_organ_gas, intensity_augment, supervised_augment
 
 
 def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
@@ -101,13 +101,15 @@ class SupervisedPatches(Dataset):
     patch centre, resamples the patch from the whole case (so no padding enters where the case goes on),
     then applies nnU-Net's intensity augmentations.  ``swap`` relabels left/right organs when the
     ``lateral_axis`` is mirrored (:func:`~.views.lateral_swap`).  ``contrast_phase``: ``{"prob",
-    "units_per_hu", "value_range"}`` for :func:`~.views.contrast_phase_shift` (None: off), applied first.
+    "units_per_hu", "value_range"}`` for :func:`~.views.contrast_phase_shift` (None: off), applied first;
+    ``gas``: ``{"prob", "classes", "air", "anterior_axis", "anterior_sign"}`` for
+    :func:`~.views.hollow_organ_gas` (None: off), applied after it.
     """
 
     def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,
                  augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
                  swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
-                 contrast_phase: Optional[dict] = None):
+                 contrast_phase: Optional[dict] = None, gas: Optional[dict] = None):
         if augmentation not in ("intensity", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
         self.sampler = sampler
@@ -119,6 +121,7 @@ class SupervisedPatches(Dataset):
         self.swap = swap
         self.lateral_axis = int(lateral_axis)
         self.contrast_phase = contrast_phase if contrast_phase and contrast_phase.get("prob", 0) > 0 else None
+        self.gas = gas if gas and gas.get("prob", 0) > 0 and gas.get("classes") else None
 
     def __len__(self) -> int:
         return self.length
@@ -129,21 +132,27 @@ class SupervisedPatches(Dataset):
             case_index, start = self.sampler.window(rng)
             case = self.sampler.cases[case_index]
             centre = [s + (p - 1) / 2.0 for s, p in zip(start, self.sampler.patch_size)]
-            volume = self._contrast_phase(case.image, case.label, rng)
+            volume = self._organ_intensities(case.image, case.label, rng)
             image, label = supervised_augment(volume, case.label, centre, self.sampler.patch_size, rng,
                                               self.mirror_axes, self.swap, self.lateral_axis, fill=case.fill)
         else:
             image, label, _ = self.sampler.sample(rng)
             if self.augment:
-                image = intensity_augment(self._contrast_phase(image, label, rng), rng)
+                image = intensity_augment(self._organ_intensities(image, label, rng), rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label))}
 
 
-    def _contrast_phase(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-        if self.contrast_phase is None or label is None:
+    def _organ_intensities(self, image: np.ndarray, label: Optional[np.ndarray],
+                           rng: np.random.Generator) -> np.ndarray:
+        """The organ-wise intensity augmentations: contrast phase, then gas in hollow organs."""
+        if label is None:
             return image
-        return contrast_phase_shift(image, label, rng, **self.contrast_phase)
+        if self.contrast_phase is not None:
+            image = contrast_phase_shift(image, label, rng, **self.contrast_phase)
+        if self.gas is not None:
+            image = hollow_organ_gas(image, label, rng, **self.gas)
+        return image
 
 
 class StepSampler(Sampler):

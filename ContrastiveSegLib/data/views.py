@@ -385,6 +385,64 @@ def contrast_phase_shift(image: np.ndarray, label: np.ndarray, rng: np.random.Ge
     return np.clip(out, value_range[0], value_range[1], out=out)
 
 
+# Organs that hold gas in some patients and not in others (canonical names, data/labels.py).
+HOLLOW_ORGANS = ("stomach", "duodenum", "small_bowel", "colon", "esophagus")
+# Share of a hollow organ's voxels (the most anterior ones) that hollow_organ_gas turns into gas.
+GAS_SHARE = (0.1, 0.9)
+
+
+def hollow_organ_gas(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float,
+                     classes: Sequence[int], air: float, anterior_axis: int, anterior_sign: int = 1,
+                     share: Tuple[float, float] = GAS_SHARE) -> np.ndarray:
+    """Each hollow organ of a patch, with probability ``prob``, part filled with gas above a level.
+
+    A stomach or bowel holds fluid in one scan and gas in another; a network trained on a scan whose
+    stomach is full of fluid has never seen a stomach of gas, which at a CT window looks like the air
+    outside the body.  In a supine patient gas rises to the front, under a flat gas-fluid level: the most
+    anterior voxels of the organ (a share drawn from ``share``), inside its one-voxel wall (the label's
+    rim, left as it is), become ``air`` (the normalisation's lowest value: what gas becomes).  The label
+    does not change: the gas is still stomach.
+
+    Args:
+        image: ``[1, *patch]`` float32, normalised.
+        label: ``[1, *patch]`` classes of the patch.
+        classes: the label values of the hollow organs among the run's targets.
+        anterior_axis, anterior_sign: the array axis that runs front-back and whether the front is at
+            higher indices (+1, ``"A"`` in the orientation) or lower (-1, ``"P"``).
+
+    Draws from ``rng`` only when ``prob > 0``, so a run without it samples as before.
+    """
+    if prob <= 0:
+        return image
+    from scipy.ndimage import binary_erosion
+
+    out = None
+    for value in classes:
+        if rng.random() >= prob:
+            continue
+        fraction = rng.uniform(*share)
+        organ = label[0] == value
+        inside = binary_erosion(organ)
+        if not inside.any():
+            continue
+        front = np.nonzero(inside)[anterior_axis] * int(anterior_sign)
+        level = np.quantile(front, 1.0 - fraction)
+        gas = np.zeros_like(inside)
+        gas[inside] = front >= level
+        out = np.array(image, dtype=np.float32, copy=True) if out is None else out
+        out[0][gas] = np.float32(air)
+    return image if out is None else out
+
+
+def anterior_axis(orientation: str) -> Tuple[int, int]:
+    """``(axis, sign)``: the array axis of the preprocessing grid that runs front-back, and +1 when the
+    front is at higher indices (``"RAS"`` -> ``(1, 1)``), -1 when at lower (``"LPS"`` -> ``(1, -1)``)."""
+    for axis, code in enumerate(orientation.upper()):
+        if code in "AP":
+            return axis, (1 if code == "A" else -1)
+    raise ValueError(f"orientation {orientation!r} has no anterior-posterior axis")
+
+
 def lateral_swap(targets: Sequence[str]) -> Optional[np.ndarray]:
     """The class permutation a left-right mirror needs, or None if no such permutation is right.
 
