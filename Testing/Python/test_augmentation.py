@@ -214,3 +214,79 @@ def test_contrast_phase_augmentation_is_reproducible_and_off_by_default():
     config.preprocess.intensity = "percentile"   # not HU: an organ offset in HU means nothing
     with pytest.raises(InputError, match="HU"):
         augmentation_options(config, targets)
+
+
+def test_hollow_organ_gas_fills_the_front_of_the_organ_inside_its_wall_under_a_flat_level():
+    from ContrastiveSegLib.data.views import GAS_SHARE, hollow_organ_gas
+
+    image = np.full((1, 12, 12, 12), 0.5, dtype=np.float32)
+    label = np.zeros(image.shape, dtype=np.int64)
+    label[0, 2:10, 2:10, 2:10] = 3   # a hollow organ: an 8-voxel cube (its inside: 6 x 6 x 6)
+    label[0, 0:2, 0:2, 0:2] = 1      # a solid organ, never touched
+    shares = []
+    for index in range(30):
+        out = hollow_organ_gas(image, label, np.random.default_rng([0, index]), prob=0.5, classes=[3], air=-1.0,
+                               anterior_axis=1, anterior_sign=1)
+        np.testing.assert_array_equal(out[label != 3], image[label != 3])   # outside the organ: as it was
+        gas = out[0] == -1.0
+        assert not gas[label[0] != 3].any()
+        rim = (label[0] == 3) & ~np.pad(np.ones((6, 6, 6), bool), 3)
+        assert not gas[rim].any(), "the organ's wall stays tissue"
+        if not gas.any():
+            continue
+        rows = np.unique(np.nonzero(gas)[1])
+        # A flat level: whole y-rows of the inside, and the front ones (higher y is anterior here).
+        assert rows.max() == 8 and np.array_equal(rows, np.arange(rows.min(), 9))
+        assert gas[3:9, rows.min():9, 3:9].all()
+        shares.append(len(rows) / 6)
+    assert 5 <= len(shares) <= 25   # prob 0.5 of 30 patches
+    assert min(shares) >= GAS_SHARE[0] - 1 / 6 and max(shares) <= GAS_SHARE[1] + 1 / 6 and len(set(shares)) > 2
+    # The front is at lower indices when the orientation says so (posterior-first, "LPS").
+    out = hollow_organ_gas(image, label, np.random.default_rng(1), 1.0, [3], -1.0, anterior_axis=1, anterior_sign=-1,
+                           share=(0.5, 0.5))
+    gas = out[0] == -1.0
+    assert gas[3:9, 3:6, 3:9].all() and not gas[3:9, 6:9, 3:9].any()
+    # Off: the same array back and no draw from the generator, so runs without it sample as before.
+    generator = np.random.default_rng(1)
+    assert hollow_organ_gas(image, label, generator, 0.0, [3], -1.0, 1) is image
+    assert generator.random() == np.random.default_rng(1).random()
+
+
+def test_gas_reaches_only_hollow_targets_and_keeps_samples_reproducible():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.data.views import anterior_axis
+    from ContrastiveSegLib.errors import InputError
+    from ContrastiveSegLib.finetune import augmentation_options
+
+    assert anterior_axis("RAS") == (1, 1) and anterior_axis("LPS") == (1, -1) and anterior_axis("ASR") == (0, 1)
+    image, label = _cube_case()
+    case = PreparedCase("cube", image * 0.5, label, np.eye(4))
+    config = RunConfig()
+    assert augmentation_options(config, ["liver"])["gas"] is None
+    config.train.hollow_organ_gas_prob = 1.0
+    assert augmentation_options(config, ["liver", "stomach", "colon"])["gas"]["classes"] == [2, 3]
+    options = augmentation_options(config, ["stomach"])
+    assert options["gas"] == {"prob": 1.0, "classes": [1], "air": 0.0, "anterior_axis": 1, "anterior_sign": 1}
+    for augmentation in ("intensity", "spatial"):
+        options["augmentation"] = augmentation
+        gassed = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **options)
+        again = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **options)
+        with_gas = 0
+        for index in range(4):
+            first, second = gassed[index], again[index]
+            np.testing.assert_array_equal(first["image"].numpy(), second["image"].numpy())
+            np.testing.assert_array_equal(first["label"].numpy(), second["label"].numpy())
+            organ = first["label"].numpy() == 1
+            # Part of the organ is now far darker than the rest of it (gas, before intensity noise); a patch
+            # that cuts off the organ's front can miss it (the spatial path fills the whole case first).
+            with_gas += (first["image"].numpy()[organ] < 0.2).sum() > 0.05 * organ.sum()
+        assert with_gas >= 3, augmentation
+    # A liver is not hollow: the option leaves its patches exactly as without it.
+    config.train.hollow_organ_gas_prob = 0.0
+    plain = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **augmentation_options(config, ["liver"]))
+    config.train.hollow_organ_gas_prob = 1.0
+    solid = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **augmentation_options(config, ["liver"]))
+    np.testing.assert_array_equal(plain[0]["image"].numpy(), solid[0]["image"].numpy())
+    config.preprocess.intensity = "percentile"   # MR: there is no gas value to give
+    with pytest.raises(InputError, match="CT"):
+        augmentation_options(config, ["stomach"])
