@@ -187,7 +187,11 @@ def rescore(folder: str) -> list:
         variant, seed = name.rsplit("-seed", 1)
         model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
         rows = score_rows(model, variant, os.path.dirname(run_dir))
-        results.append({"variant": variant, "seed": int(seed), "run": run_dir, "train_seconds": 0.0, "rows": rows})
+        init = model.config.init_checkpoint
+        # A run started from pre-training is its own arm: its rows are not averaged with scratch's.
+        label = f"{variant} from {os.path.basename(os.path.dirname(os.path.dirname(init)))}" if init else variant
+        results.append({"variant": label, "seed": int(seed), "run": run_dir, "init": init, "train_seconds": 0.0,
+                        "rows": rows})
         print(f"{name}: " + ", ".join(f"{row} {values['mean_dice']:.3f}" for row, values in rows.items()),
               file=sys.stderr, flush=True)
     return results
