@@ -128,10 +128,9 @@ def continued_axes(config: PreprocessConfig) -> tuple:
         return ()
     if config.beyond_scan_ends != "continue":
         raise ValueError(f"unknown beyond_scan_ends {config.beyond_scan_ends!r}: 'continue' or 'air'")
-    for axis, code in enumerate(config.orientation.upper()):
-        if code in "SI":
-            return (axis,)
-    raise ValueError(f"orientation {config.orientation!r} has no superior-inferior axis")
+    from .views import orientation_axis
+
+    return (orientation_axis(config.orientation, "S")[0],)
 
 
 def normalised_range(config: PreprocessConfig) -> tuple:

@@ -142,7 +142,6 @@ class SupervisedPatches(Dataset):
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label))}
 
-
     def _organ_intensities(self, image: np.ndarray, label: Optional[np.ndarray],
                            rng: np.random.Generator) -> np.ndarray:
         """The organ-wise intensity augmentations: contrast phase, then gas in hollow organs."""

@@ -434,13 +434,22 @@ def hollow_organ_gas(image: np.ndarray, label: np.ndarray, rng: np.random.Genera
     return image if out is None else out
 
 
-def anterior_axis(orientation: str) -> Tuple[int, int]:
-    """``(axis, sign)``: the array axis of the preprocessing grid that runs front-back, and +1 when the
-    front is at higher indices (``"RAS"`` -> ``(1, 1)``), -1 when at lower (``"LPS"`` -> ``(1, -1)``)."""
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+_AXIS_NAMES = {"R": "left-right", "A": "anterior-posterior", "S": "superior-inferior"}
+
+
+def orientation_axis(orientation: str, toward: str) -> Tuple[int, int]:
+    """``(axis, sign)``: the array axis of a grid in ``orientation`` (e.g. ``"RAS"``) that runs toward
+    ``toward`` (``"R"``, ``"A"`` or ``"S"``), and +1 when higher indices lie that way, -1 when lower."""
     for axis, code in enumerate(orientation.upper()):
-        if code in "AP":
-            return axis, (1 if code == "A" else -1)
-    raise ValueError(f"orientation {orientation!r} has no anterior-posterior axis")
+        if code in (toward, _OPPOSITE[toward]):
+            return axis, (1 if code == toward else -1)
+    raise ValueError(f"orientation {orientation!r} has no {_AXIS_NAMES[toward]} axis")
+
+
+def anterior_axis(orientation: str) -> Tuple[int, int]:
+    """``(axis, sign)`` of the front-back axis (``"RAS"`` -> ``(1, 1)``, ``"LPS"`` -> ``(1, -1)``)."""
+    return orientation_axis(orientation, "A")
 
 
 def lateral_swap(targets: Sequence[str]) -> Optional[np.ndarray]:
@@ -467,10 +476,7 @@ def lateral_swap(targets: Sequence[str]) -> Optional[np.ndarray]:
 
 def left_right_axis(orientation: str) -> int:
     """The array axis of the preprocessing grid that runs left-right (``"RAS"`` -> 0)."""
-    for axis, code in enumerate(orientation.upper()):
-        if code in "LR":
-            return axis
-    raise ValueError(f"orientation {orientation!r} has no left-right axis")
+    return orientation_axis(orientation, "R")[0]
 
 
 def check_mirror_axes(mirror_axes: Sequence[int], targets: Sequence[str], orientation: str = "RAS") -> None:
