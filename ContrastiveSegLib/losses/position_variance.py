@@ -17,6 +17,8 @@ about nothing.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from ._checks import at_least_float32
@@ -49,3 +51,15 @@ def position_variance_loss(features: torch.Tensor, target: float = 1.0, eps: flo
         f = centred / torch.sqrt(centred.pow(2).mean(dim=(0, 2), keepdim=True) + eps)
         across = torch.sqrt(f.var(dim=0, unbiased=True) + eps)                        # [C, P]
         return torch.relu(target - across).mean()
+
+
+def position_floor(levels: Sequence[torch.Tensor], level_names: Sequence[str], chosen: Sequence[str],
+                   weight: float) -> Optional[torch.Tensor]:
+    """The floor of MixCL and GCL: :func:`position_variance_loss` averaged over the ``chosen`` levels.
+
+    ``levels`` are an encoder's outputs named by ``level_names``; the result is unweighted, and None when
+    ``weight`` is 0 or no level is chosen (the floor is off).
+    """
+    if not weight or not chosen:
+        return None
+    return torch.stack([position_variance_loss(levels[list(level_names).index(name)]) for name in chosen]).mean()

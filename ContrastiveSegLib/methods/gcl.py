@@ -54,7 +54,8 @@ from ..data.views import (
     view_crop_shape,
 )
 from ..errors import InputError
-from ..losses import gradient_filter_mask, pcgrad, pcgrad_per_sample, position_variance_loss, supcon_loss
+from ..losses import gradient_filter_mask, pcgrad, pcgrad_per_sample, supcon_loss
+from ..losses.position_variance import position_floor
 from ..models.backbones import LEVEL_NAMES
 from .term_gradients import TermGradientLog, encoder_gradient_norms
 
@@ -392,10 +393,9 @@ class GCLObjective(nn.Module):
         levels = self.levels
         self.levels = None
         weight = float(self.settings["position_weight"])
-        names = list(self.settings["position_levels"])
-        if weight == 0 or not names:
+        term = position_floor(levels, LEVEL_NAMES, self.settings["position_levels"], weight)
+        if term is None:
             return levels[0].sum() * 0.0
-        term = torch.stack([position_variance_loss(levels[LEVEL_NAMES.index(name)]) for name in names]).mean()
         logs["position"] = float(term.detach())
         return weight * term
 

@@ -58,13 +58,8 @@ from ..data.views import (
     view_crop_shape,
 )
 from ..errors import InputError
-from ..losses import (
-    flatten_feature_map,
-    identity_loss,
-    label_contrastive_loss,
-    position_variance_loss,
-    sample_boundary_weighted,
-)
+from ..losses import flatten_feature_map, identity_loss, label_contrastive_loss, sample_boundary_weighted
+from ..losses.position_variance import position_floor
 from ..models.backbones import LEVEL_NAMES
 from .term_gradients import TermGradientLog, encoder_gradient_norms
 
@@ -313,19 +308,6 @@ def corresponding_rows(z1: torch.Tensor, z2: torch.Tensor, pairs: Optional[torch
     return rows1, rows2
 
 
-def position_floor(levels: Sequence[torch.Tensor], settings: Dict[str, Any]) -> Optional[torch.Tensor]:
-    """The variance floor across all encoded views (V1, V1', V2) on ``position_levels``, averaged; None when off.
-
-    The reconstruction reaches the deepest levels only through the decoder, which already has the
-    content from the skip connections: without the floor those levels collapse to a position code
-    (docs/pretraining.md, "Position collapse").
-    """
-    names = list(settings["position_levels"])
-    if not settings["position_weight"] or not names:
-        return None
-    return torch.stack([position_variance_loss(levels[LEVEL_NAMES.index(name)]) for name in names]).mean()
-
-
 def _global_count(count: int, device: torch.device) -> int:
     """Rows over all ranks (the identity loss sums over all of them), so every rank skips the same levels."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -422,7 +404,9 @@ class MixCLObjective(nn.Module):
         recon = torch.mean((reconstruction.float() - targets.float()) ** 2)
 
         weighted = {"identity": identity, "label": settings["alpha"] * label, "recon": settings["beta"] * recon}
-        position = position_floor(levels, settings)
+        # Without the floor the deepest levels collapse to a position code: the reconstruction reaches
+        # them only through the decoder, which has the content from the skips (docs/pretraining.md).
+        position = position_floor(levels, LEVEL_NAMES, settings["position_levels"], settings["position_weight"])
         if position is not None:
             weighted["position"] = settings["position_weight"] * position
             logs["position"] = float(position.detach())
