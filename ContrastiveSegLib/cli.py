@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="segment an image with a trained run",
                                   description="Sliding-window prediction, written on the input image's own grid.")
-    predict.add_argument("--model", required=True, metavar="RUN", help="a finetune run folder, or a checkpoint file")
+    predict.add_argument("--model", required=True, nargs="+", metavar="RUN",
+                         help="a finetune run folder, or a checkpoint file; several: an ensemble, their class "
+                              "probabilities averaged (runs for the same organs on the same grid, e.g. seeds)")
     predict.add_argument("--image", required=True, help="NIfTI / NRRD / MetaImage file or DICOM series folder")
     predict.add_argument("--out", required=True, help="labelmap to write: .nii.gz, .nrrd or .seg.nrrd (named, coloured segments)")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -435,7 +437,7 @@ def _cmd_predict(args) -> int:
     from .data.io import write_labelmap
     from .engine.device import choose_device
     from .engine.events import EventLog
-    from .engine.inference import load_model, predict_image
+    from .engine.inference import load_ensemble, predict_image
     from .engine.postprocess import value_counts
     from .engine.runfolder import check_writable_folder
     from .report.colors import colors_for
@@ -446,12 +448,12 @@ def _cmd_predict(args) -> int:
     events = EventLog(None, to_stdout=args.events_stdout)  # three steps: model loaded, predicted, written
     device = choose_device(args.device)
     events.emit("start", total_steps=3, start_step=0, device=str(device))
-    model = load_model(args.model, device, checkpoint=args.checkpoint)
+    models = load_ensemble(args.model, device, checkpoint=args.checkpoint)
     events.emit("step", step=1, total=3)
-    labels, image = predict_image(model, args.image, overlap=args.overlap, flip_tta=args.tta,
+    labels, image = predict_image(models, args.image, overlap=args.overlap, flip_tta=args.tta,
                                   mask_body=args.body_mask)
     events.emit("step", step=2, total=3)
-    names = {value: name for value, name in model.labels.items() if value != 0}
+    names = {value: name for value, name in models[0].labels.items() if value != 0}
     write_labelmap(args.out, labels, image, names=names, colors=colors_for(list(names.values())))
     events.emit("step", step=3, total=3)
     events.emit("finished", step=3, stopped=False)

@@ -87,13 +87,14 @@ def heldout_reference_names(names) -> dict:
 
 
 def score_heldout(model, out: str, flip_tta: bool = False, mask_body: bool = True):
-    """Predict patient B onto its own grid with ``model``, write the labelmaps into ``out`` and score them.
+    """Predict patient B onto its own grid with ``model`` (or a list of models: their ensemble), write the
+    labelmaps into ``out`` and score them.
 
     Returns ``(metrics, labels_zyx, image, names, reference_names)``; the metrics are ``evaluate``'s,
     on patient B's own grid.
     """
     from .data.io import read_image, write_labelmap
-    from .engine.inference import predict_image
+    from .engine.inference import LoadedModel, predict_image
     from .evaluate import evaluate_files
     from .report.colors import colors_for
 
@@ -101,7 +102,8 @@ def score_heldout(model, out: str, flip_tta: bool = False, mask_body: bool = Tru
     image = read_image(paths["heldout_image"], as_float32=False)
     labels, _ = predict_image(model, paths["heldout_image"], overlap=0.5, image=image, flip_tta=flip_tta,
                               mask_body=mask_body)
-    names = {value: name for value, name in model.labels.items() if value != 0}
+    first = model if isinstance(model, LoadedModel) else model[0]
+    names = {value: name for value, name in first.labels.items() if value != 0}
     colors = colors_for(list(names.values()))
     prediction = os.path.join(out, "heldout_prediction.nii.gz")
     write_labelmap(prediction, labels, image, names=names, colors=colors)

@@ -24,7 +24,8 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 
 Every variant predicts with the scan's ends as air (``--beyond-scan-ends air``, what every run did before
 the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
-continued, today's default.  ``--rescore OUT ...`` scores runs trained by an earlier invocation again.
+continued, today's default.  ``--rescore OUT ...`` scores runs trained by an earlier invocation again;
+with ``--ensemble K``, also ensembles of K of an arm's networks (``predict --model RUN RUN ...``).
 
 Rows scored from each trained model (no retraining): ``plain``; ``+pp``, the largest-component rule
 chosen on patient A; ``+pp+tta``, that and ``predict --tta`` (flips along the trained mirror axes:
@@ -197,6 +198,43 @@ def rescore(folder: str) -> list:
     return results
 
 
+def score_ensembles(results: list, size: int) -> list:
+    """Ensembles of ``size`` networks of one arm (``rescore``'s results): disjoint groups of consecutive
+    seeds, each scored with the ends continued as ``+continue`` (probabilities averaged) and
+    ``+pp+continue`` (the largest-component rule where every member chose it).  An ensemble costs its
+    size in training time: compare it with single networks trained ``size`` times as long."""
+    import torch
+
+    from ContrastiveSegLib.demo import score_heldout
+    from ContrastiveSegLib.engine.inference import common_postprocessing, load_ensemble
+
+    arms = {}
+    for result in sorted(results, key=lambda r: (r["variant"], r["seed"])):
+        arms.setdefault(result["variant"], []).append(result)
+    ensembles = []
+    for arm, members in arms.items():
+        for start in range(0, len(members) - size + 1, size):
+            group = members[start:start + size]
+            models = load_ensemble([m["run"] for m in group], torch.device("cpu"), checkpoint="last")
+            for model in models:
+                model.config.preprocess.beyond_scan_ends = "continue"
+            decision = common_postprocessing(models)
+            rows = {}
+            for row, postprocess in (("+continue", None), ("+pp+continue", decision)):
+                for model in models:
+                    model.postprocess = postprocess
+                begin = time.perf_counter()
+                metrics = score_heldout(models, os.path.dirname(group[0]["run"]))[0]
+                rows[row] = {"dice": metrics["dice"], "mean_dice": metrics["mean_dice"],
+                             "predict_seconds": round(time.perf_counter() - begin, 2)}
+            seeds = [m["seed"] for m in group]
+            ensembles.append({"variant": f"{arm} ensemble of {size}", "seed": seeds[0], "seeds": seeds,
+                              "runs": [m["run"] for m in group], "train_seconds": 0.0, "rows": rows})
+            print(f"{arm} seeds {seeds}: " + ", ".join(f"{row} {values['mean_dice']:.3f}"
+                                                      for row, values in rows.items()), file=sys.stderr, flush=True)
+    return ensembles
+
+
 def summarise(results: list) -> dict:
     """Per (variant, row): per-organ and mean Dice as mean and standard deviation over seeds."""
     import numpy as np
@@ -278,6 +316,9 @@ def main() -> int:
     parser.add_argument("--rescore", nargs="+", metavar="OUT",
                         help="score the runs an earlier invocation trained into OUT again, with every row; writes "
                              "RESCORED.json and prints the table (no training)")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="K",
+                        help="with --rescore: also score ensembles of K networks of each arm (disjoint groups of "
+                             "consecutive seeds, their probabilities averaged)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = os.path.abspath(args.out)
@@ -290,6 +331,8 @@ def main() -> int:
 
         warnings.filterwarnings("ignore")
         results = [result for folder in args.rescore for result in rescore(os.path.abspath(folder))]
+        if args.ensemble > 1:
+            results += score_ensembles(results, args.ensemble)
         summary = summarise(results)
         with open(os.path.join(os.path.abspath(args.rescore[0]), "RESCORED.json"), "w", encoding="utf-8") as handle:
             json.dump({"command": "python benchmarks/few_label_accuracy.py " + " ".join(sys.argv[1:]),

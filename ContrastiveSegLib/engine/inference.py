@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -61,6 +61,41 @@ def load_model(model_path: str, device: torch.device, checkpoint: str = "best") 
     if os.path.isdir(model_path) and os.path.exists(RunFolder(model_path).labels):
         labels = load_label_table(RunFolder(model_path).labels)
     return LoadedModel(backbone.to(device).eval(), config, labels, path, run_postprocessing(model_path, path))
+
+
+def load_ensemble(model_paths: Sequence[str], device: torch.device, checkpoint: str = "best") -> List[LoadedModel]:
+    """Several trained models whose class probabilities :func:`predict_image` averages (an ensemble).
+
+    Networks trained on one or two scans with different seeds make different mistakes; the mean of
+    their probabilities is better than the typical one of them (docs/few-label-accuracy.md).  They must
+    segment the same organs under the same values and see the image on the same grid (spacing and
+    orientation); each keeps its own intensity normalisation, patch size and test-time flips.
+    """
+    models = [load_model(path, device, checkpoint=checkpoint) for path in model_paths]
+    first, first_path = models[0], model_paths[0]
+    for model, path in zip(models[1:], model_paths[1:]):
+        if model.labels != first.labels:
+            raise InputError(f"segments {sorted(model.labels.items())}, {first_path} segments "
+                             f"{sorted(first.labels.items())}", path=path,
+                             fix="average only runs trained for the same organs (the same --labels)")
+        for key in ("spacing", "orientation"):
+            mine, theirs = getattr(model.config.preprocess, key), getattr(first.config.preprocess, key)
+            if tuple(mine) != tuple(theirs):
+                raise InputError(f"predicts at {key} {mine}, {first_path} at {theirs}", path=path,
+                                 fix="average only runs trained on the same grid (the same --spacing)")
+    return models
+
+
+def common_postprocessing(models: Sequence[LoadedModel]) -> Optional[Dict]:
+    """The post-processing an ensemble applies: an organ's largest-component rule only where every
+    member's run chose it (None when a member has no decision: nothing is applied)."""
+    decisions = [model.postprocess for model in models]
+    if any(not decision for decision in decisions):
+        return None
+    chosen = set(decisions[0].get("largest_component", []))
+    for decision in decisions[1:]:
+        chosen &= set(decision.get("largest_component", []))
+    return {"largest_component": sorted(chosen), "chosen_on": "every member of the ensemble"}
 
 
 def run_postprocessing(model_path: str, checkpoint_path: str) -> Optional[Dict]:
@@ -272,24 +307,50 @@ def _interpolate_undecided(labels: np.ndarray, probabilities: np.ndarray, grid: 
         slab[zz, yy, xx] = best_label
 
 
-def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, flip_tta: bool = False,
-                  image: Optional[sitk.Image] = None, mask_body: bool = True):
+def predict_image(model: Union[LoadedModel, Sequence[LoadedModel]], image_path: str, overlap: float = 0.5,
+                  flip_tta: bool = False, image: Optional[sitk.Image] = None, mask_body: bool = True):
     """Predict one image file; returns ``(labels_zyx uint8 on the input grid, input sitk.Image)``.
 
     The image is normalised as the run says (its CT window, or its saved ct_zscore statistics).
+    ``model`` may be a list from :func:`load_ensemble`: the class probabilities of its members are
+    averaged on the network's grid before anything else.
     ``flip_tta`` averages over flips of the axes the run trained mirrored (:func:`tta_flips`).
     ``mask_body``: set everything outside the patient's trunk to background
     (:mod:`.body`), for models trained on CT in HU; other models are left as predicted.
-    The run's post-processing decision, if it has one, is applied last.
+    The run's post-processing decision, if it has one, is applied last (an ensemble's:
+    :func:`common_postprocessing`).
 
     Cost (``docs/prediction.md``): the full-size volume is read once and
     resampled once onto the network's grid; the network runs on that grid;
     mapping the labels back costs about one nearest-neighbour resampling, and
     the body mask is found on the full grid.
     """
+    from ..data.io import read_image
+
+    models = [model] if isinstance(model, LoadedModel) else list(model)
+    image = read_image(image_path, as_float32=False) if image is None else image
+    on_grid = resample_to_network_grid(image, models[0].config.preprocess)
+    probabilities, affine = None, None
+    for member in models:
+        p, affine = network_probabilities(member, on_grid, overlap, flip_tta)
+        probabilities = p if probabilities is None else probabilities + p
+    labels = probabilities_to_input_grid((probabilities / len(models)).cpu().numpy(), affine, image)
+    if mask_body and models[0].config.preprocess.is_ct():
+        from .body import mask_outside_body
+
+        labels = mask_outside_body(labels, image)   # on the full grid: a coarser one joins arms to the trunk
+    if len(models) == 1:
+        return apply_run_postprocessing(labels, models[0]), image
+    from .postprocess import apply_postprocessing
+
+    return apply_postprocessing(labels, common_postprocessing(models), models[0].labels), image
+
+
+def network_probabilities(model: LoadedModel, on_grid: sitk.Image, overlap: float, flip_tta: bool):
+    """``(probabilities [C, X, Y, Z], affine)`` of one model for an image already on its network grid
+    (:func:`resample_to_network_grid`), normalised as its run says."""
     from monai.data import MetaTensor
 
-    from ..data.io import read_image
     from ..data.preprocess import (
         affine_from_sitk,
         build_preprocess_transform,
@@ -298,8 +359,6 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
         to_monai_array,
     )
 
-    image = read_image(image_path, as_float32=False) if image is None else image
-    on_grid = resample_to_network_grid(image, model.config.preprocess)
     data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(on_grid)), affine=affine_from_sitk(on_grid))}
     prepared = build_preprocess_transform(model.config.preprocess, pad_to=None, with_label=False)(data)["image"]
     tensor = torch.as_tensor(np.asarray(prepared.numpy(), dtype=np.float32))
@@ -311,13 +370,7 @@ def predict_image(model: LoadedModel, image_path: str, overlap: float = 0.5, fli
     else:
         probabilities = sliding_window_probabilities(model.backbone, tensor, model.config.model.patch_size,
                                                      overlap=overlap, fill=fill, continue_axes=ends)
-    labels = probabilities_to_input_grid(probabilities.cpu().numpy(), np.asarray(prepared.affine, dtype=np.float64),
-                                         image)
-    if mask_body and model.config.preprocess.is_ct():
-        from .body import mask_outside_body
-
-        labels = mask_outside_body(labels, image)   # on the full grid: a coarser one joins arms to the trunk
-    return apply_run_postprocessing(labels, model), image
+    return probabilities, np.asarray(prepared.affine, dtype=np.float64)
 
 
 def apply_run_postprocessing(labels: np.ndarray, model: LoadedModel) -> np.ndarray:
