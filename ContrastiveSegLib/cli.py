@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="output folder (default: ./demo-output)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     demo.add_argument("--max-steps", type=int, default=None, help="override the number of training steps")
+    demo.add_argument("--networks", type=int, default=None,
+                      help="networks trained (seeds 0, 1, ...) and averaged to predict patient B (default: 3; "
+                           "2 with --quick)")
 
     finetune = commands.add_parser("finetune", help="train a segmentation network on labelled scans",
                                    description="Supervised fine-tuning (Dice + CE, AdamW, cosine schedule) from a "
@@ -588,7 +591,7 @@ def _cmd_study(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, device=args.device, max_steps=args.max_steps)
+    run_demo(out=args.out, quick=args.quick, device=args.device, max_steps=args.max_steps, networks=args.networks)
     return EXIT_OK
 
 

@@ -1,12 +1,14 @@
 """``contrastiveseg demo``: the whole pipeline on the shipped sample CT, on a CPU, in minutes.
 
-1. fine-tune a light U-Net on patient A (``sample_data/abdomen_ct.nii.gz``) for
-   four organs; patient B is validated on along the way only so that the
-   training curves show how it generalises (the largest-component rule of
-   docs/few-label-accuracy.md is chosen on patient A);
-2. predict patient B (a DICOM series the network never trained on) onto its
-   own grid with the *last* checkpoint: choosing the best validation
-   checkpoint would select the model on the very patient it is scored on;
+1. fine-tune light U-Nets on patient A (``sample_data/abdomen_ct.nii.gz``) for
+   four organs, one per seed (``DEMO_NETWORKS``); patient B is validated on
+   along the way by the first only so that the training curves show how it
+   generalises (the largest-component rule of docs/few-label-accuracy.md is
+   chosen on patient A);
+2. predict patient B (a DICOM series the networks never trained on) onto its
+   own grid with the ensemble of their *last* checkpoints (class probabilities
+   averaged): choosing the best validation checkpoint would select the model
+   on the very patient it is scored on;
 3. compare with patient B's labels (per-organ Dice; the label grid has its y
    axis flipped, so this also exercises the geometry handling);
 4. write the prediction (.nii.gz and Slicer .seg.nrrd), an overlay PNG and a
@@ -24,8 +26,12 @@ import sys
 import time
 from typing import Optional
 
+from .errors import InputError
+
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
 DEMO_ORGANS = ["liver", "spleen", "stomach", "aorta"]
+# Networks the demo trains (seeds 0, 1, ...) and predicts patient B with, their probabilities averaged.
+DEMO_NETWORKS = 3
 
 
 def sample_paths() -> dict:
@@ -37,7 +43,7 @@ def sample_paths() -> dict:
     }
 
 
-def demo_config(quick: bool, device: str, max_steps: Optional[int] = None):
+def demo_config(quick: bool, device: str, max_steps: Optional[int] = None, seed: int = 0):
     """The demo's settings: a small U-Net at the scans' own 3 mm, sized for two CPU cores."""
     from .config import RunConfig
 
@@ -59,7 +65,7 @@ def demo_config(quick: bool, device: str, max_steps: Optional[int] = None):
     train.checkpoint_every = 100
     train.num_workers = 0   # patches are cheap crops of a cached volume; workers would only compete for 2 cores
     train.foreground_ratio = 0.8
-    train.seed = 0
+    train.seed = seed
     # The few-label recipe as far as it was measured to help on this task (docs/few-label-accuracy.md):
     # the largest-component rule, chosen on the training scan because patient B, the only validation
     # case, is the one scored; the ends of a scan thinner than the patch continued (every new run's
@@ -113,12 +119,24 @@ def score_heldout(model, out: str, flip_tta: bool = False, mask_body: bool = Tru
     return metrics, labels, image, names, reference_names
 
 
+def demo_run_folders(out: str, networks: int) -> list:
+    """The run folder of each network of the demo's ensemble: ``run/`` (seed 0), ``run-seed1/``, ..."""
+    return [os.path.join(out, "run" if seed == 0 else f"run-seed{seed}") for seed in range(networks)]
+
+
 def run_demo(out: str = "demo-output", quick: bool = False, device: str = "auto",
-             max_steps: Optional[int] = None) -> dict:
-    """Run the demo into ``out``; returns the held-out metrics."""
+             max_steps: Optional[int] = None, networks: Optional[int] = None) -> dict:
+    """Run the demo into ``out``; returns the held-out metrics.
+
+    ``networks`` (default :data:`DEMO_NETWORKS`, 2 with ``quick``) networks are trained, with seeds
+    0, 1, ..., and patient B is predicted with their ensemble (probabilities averaged).  Only the first
+    validates on patient B, for its training curves.
+    """
+    import shutil
+
     from .data.io import read_label_image
     from .engine.device import choose_device
-    from .engine.inference import load_model
+    from .engine.inference import load_ensemble
     from .engine.runfolder import check_writable_folder, write_json_atomic
     from .evaluate import format_table
     from .finetune import run_finetune
@@ -129,22 +147,30 @@ def run_demo(out: str = "demo-output", quick: bool = False, device: str = "auto"
     started = time.time()
     out = os.path.abspath(out)
     check_writable_folder(out)
-    run_dir = os.path.join(out, "run")
-    if os.path.exists(os.path.join(run_dir, "events.jsonl")):
-        import shutil
-
-        shutil.rmtree(run_dir)  # the demo always starts afresh; its folder holds nothing else of the user's
-    config = demo_config(quick, device, max_steps)
+    networks = (2 if quick else DEMO_NETWORKS) if networks is None else networks
+    if networks < 1:
+        raise InputError(f"{networks} networks: the demo trains at least one", path="--networks")
+    run_dirs = demo_run_folders(out, networks)
+    for stale in [os.path.join(out, name) for name in os.listdir(out) if name == "run" or name.startswith("run-seed")]:
+        if os.path.exists(os.path.join(stale, "events.jsonl")):
+            shutil.rmtree(stale)  # the demo always starts afresh; these folders hold nothing else of the user's
     paths = sample_paths()
-    print(f"ContrastiveSeg demo: training a small U-Net for {', '.join(DEMO_ORGANS)} on one CT "
-          f"({config.train.max_steps} steps, device {choose_device(device)})", file=sys.stderr)
-    run_finetune(config, run_dir)
+    for seed, run_dir in enumerate(run_dirs):
+        config = demo_config(quick, device, max_steps, seed=seed)
+        if seed > 0:   # patient B's curves come from the first network; the others spend no time on them
+            config.data.val_datasets, config.train.val_every = [], 0
+        print(f"ContrastiveSeg demo: training small U-Net {seed + 1} of {networks} for {', '.join(DEMO_ORGANS)} "
+              f"on one CT ({config.train.max_steps} steps, seed {seed}, device {choose_device(device)})",
+              file=sys.stderr)
+        run_finetune(config, run_dir)
 
-    model = load_model(run_dir, choose_device(device), checkpoint="last")
-    metrics, labels, image, names, reference_names = score_heldout(model, out)
+    models = load_ensemble(run_dirs, choose_device(device), checkpoint="last")
+    metrics, labels, image, names, reference_names = score_heldout(models, out)
     metrics["note"] = ("patient B was never trained on and no checkpoint was chosen on it (the last one is scored); "
                        "labels of both patients are TotalSegmentator predictions, not manual ground truth")
-    metrics["checkpoint"] = os.path.relpath(model.checkpoint, out).replace(os.sep, "/")
+    metrics["checkpoint"] = os.path.relpath(models[0].checkpoint, out).replace(os.sep, "/")
+    # Every network of the ensemble that was scored (their class probabilities averaged).
+    metrics["checkpoints"] = [os.path.relpath(model.checkpoint, out).replace(os.sep, "/") for model in models]
     metrics["training_steps"] = config.train.max_steps
     metrics["seconds"] = round(time.time() - started, 1)
     write_json_atomic(os.path.join(out, "metrics.json"), metrics)
@@ -165,10 +191,11 @@ def run_demo(out: str = "demo-output", quick: bool = False, device: str = "auto"
     save_overlay_png(os.path.join(out, "overlay.png"), sitk.GetArrayFromImage(image), labels, spacing_zyx, names,
                      colors=colors, title="held-out patient: prediction (top) and reference (bottom)",
                      reference_zyx=reference_mapped)
-    save_training_curves(os.path.join(run_dir, "events.jsonl"), os.path.join(out, "training_curves.png"))
+    save_training_curves(os.path.join(run_dirs[0], "events.jsonl"), os.path.join(out, "training_curves.png"))
 
     print("\nPer-organ Dice on the held-out patient (never trained on; last checkpoint):", file=sys.stderr)
     print(format_table(metrics))
     print(f"\nwrote {out}/: heldout_prediction.nii.gz, heldout_prediction.seg.nrrd, overlay.png, "
-          f"training_curves.png, metrics.json, run/  ({metrics['seconds']:.0f} s)", file=sys.stderr)
+          f"training_curves.png, metrics.json, "
+          f"{', '.join(os.path.basename(d) + '/' for d in run_dirs)}  ({metrics['seconds']:.0f} s)", file=sys.stderr)
     return metrics

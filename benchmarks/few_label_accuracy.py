@@ -18,7 +18,8 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 * ``phase``: ``old`` with contrast-phase augmentation (``--contrast-phase-prob 0.5``), also with the
   spatial augmentation (``phase_spatial``) or ``ct_zscore`` (``phase_zscore``);
 * ``thin``: ``old`` with a 96 x 96 x 16 patch instead of 64 x 64 x 32 (``thin_phase``: and ``phase``);
-* ``gas``: ``old`` with gas in hollow organs (``--hollow-organ-gas-prob 0.5``; ``phase_gas``: and ``phase``).
+* ``gas``: ``old`` with gas in hollow organs (``--hollow-organ-gas-prob 0.5``; ``phase_gas``: and ``phase``;
+  ``gas_spatial``: and the spatial augmentation).
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
@@ -79,6 +80,8 @@ VARIANTS = {
                    "contrast_phase_prob": 0.5},
     "gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
             "hollow_organ_gas_prob": 0.5},
+    "gas_spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
+                    "hollow_organ_gas_prob": 0.5},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }

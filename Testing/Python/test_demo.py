@@ -20,8 +20,12 @@ def test_quick_demo_runs_and_reports_dice(tmp_path):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["dice"]) == {"liver", "spleen", "stomach", "aorta"}
-    # Patient B is validated on for the curves, so the scored model must not be the one chosen on it.
+    # Patient B is validated on for the curves, so the scored model must not be the one chosen on it; the
+    # quick demo predicts with an ensemble of two networks, seeds 0 and 1, only the first validating on B.
     assert metrics["checkpoint"] == "run/checkpoints/last.pt"
+    assert metrics["checkpoints"] == ["run/checkpoints/last.pt", "run-seed1/checkpoints/last.pt"]
+    second = json.loads((out / "run-seed1" / "config.json").read_text())
+    assert second["train"]["seed"] == 1 and second["data"]["val_datasets"] == []
     assert json.loads((out / "run" / "postprocess.json").read_text())["chosen_on"] == "training"
     assert "liver" in result.stdout and "mean" in result.stdout  # the printed table
     # The prediction of the DICOM patient is on the DICOM grid, 512 x 512 x 20.
