@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     demo.add_argument("--max-steps", type=int, default=None, help="override the number of training steps")
     demo.add_argument("--networks", type=int, default=None,
-                      help="networks trained (seeds 0, 1, ...) and averaged to predict patient B (default: 3; "
-                           "2 with --quick)")
+                      help="networks trained (seeds 0, 1, ...) whose ensemble predicts patient B, their "
+                           "probabilities averaged (default: 1)")
 
     finetune = commands.add_parser("finetune", help="train a segmentation network on labelled scans",
                                    description="Supervised fine-tuning (Dice + CE, AdamW, cosine schedule) from a "

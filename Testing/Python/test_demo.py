@@ -13,7 +13,7 @@ from ContrastiveSegLib.data.io import read_label_image
 @pytest.mark.slow
 def test_quick_demo_runs_and_reports_dice(tmp_path):
     out = tmp_path / "demo"
-    result = run_cli(["demo", "--quick", "--out", out, "--device", "cpu"])
+    result = run_cli(["demo", "--quick", "--networks", "2", "--out", out, "--device", "cpu"])
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("heldout_prediction.nii.gz", "heldout_prediction.seg.nrrd", "overlay.png", "training_curves.png",
                  "metrics.json", "run/checkpoints/last.pt", "run/events.jsonl"):
@@ -21,7 +21,7 @@ def test_quick_demo_runs_and_reports_dice(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["dice"]) == {"liver", "spleen", "stomach", "aorta"}
     # Patient B is validated on for the curves, so the scored model must not be the one chosen on it; the
-    # quick demo predicts with an ensemble of two networks, seeds 0 and 1, only the first validating on B.
+    # two networks are an ensemble, seeds 0 and 1, and only the first validates on B.
     assert metrics["checkpoint"] == "run/checkpoints/last.pt"
     assert metrics["checkpoints"] == ["run/checkpoints/last.pt", "run-seed1/checkpoints/last.pt"]
     second = json.loads((out / "run-seed1" / "config.json").read_text())
