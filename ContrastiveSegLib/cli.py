@@ -87,6 +87,9 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gas in hollow organs: each stomach, bowel or oesophagus of a patch, with probability "
                              "P, has its front part turned into gas under a flat level, for scans where it holds "
                              "gas and the training scans' does not (CT only; default: 0, off)")
+    parser.add_argument("--dice", choices=["sample", "batch"], default="sample",
+                        help="the loss's Dice term: per patch with background (sample) or nnU-Net's, summed over "
+                             "the batch, foreground only (batch) (default: sample)")
     parser.add_argument("--postprocess-on", choices=["validation", "training", "off"], default="validation",
                         help="cases that decide, per organ, whether keeping only its largest connected component "
                              "helps; predict applies the decision (default: validation)")
@@ -387,6 +390,7 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
         raise InputError(f"{args.hollow_organ_gas_prob} is not a probability in [0, 1]",
                          path="--hollow-organ-gas-prob")
     config.train.hollow_organ_gas_prob = args.hollow_organ_gas_prob
+    config.train.dice = args.dice
     config.postprocess.choose_on = args.postprocess_on
 
 

@@ -105,6 +105,9 @@ class TrainConfig:
     # bowel, ...) of a training patch, with this probability, has its most anterior part turned into gas, so
     # that a network trained on a fluid-filled stomach also knows a gas-filled one (0: off).
     hollow_organ_gas_prob: float = 0.0
+    # The Dice term of the supervised loss (methods/supervised.py): "sample", per patch with background
+    # (every run before this option), or "batch", nnU-Net's, summed over the batch, foreground only.
+    dice: str = "sample"
     # Fine-tuning that keeps a pre-trained encoder: its parameters train at encoder_lr_scale x lr
     # (None: 0.1 when the encoder was loaded with --init, else 1.0), and not at all for the first
     # freeze_encoder_steps steps.

@@ -256,7 +256,7 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
     validate = None
     if prepared_val:
         validate = make_validator(prepared_val, targets, config.model.patch_size, config.train.sw_overlap)
-    trainer = Trainer(run, config, SupervisedObjective(backbone), dataset, context, events, kind="finetune",
+    trainer = Trainer(run, config, SupervisedObjective(backbone, dice=config.train.dice), dataset, context, events, kind="finetune",
                       labels=labels, validate=validate, encoder_initialised=bool(config.init_checkpoint))
     summary = trainer.fit(resume=resume)
     if context.is_main and not summary["stopped"]:

@@ -19,7 +19,7 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
   spatial augmentation (``phase_spatial``) or ``ct_zscore`` (``phase_zscore``);
 * ``thin``: ``old`` with a 96 x 96 x 16 patch instead of 64 x 64 x 32 (``thin_phase``: and ``phase``);
 * ``gas``: ``old`` with gas in hollow organs (``--hollow-organ-gas-prob 0.5``; ``phase_gas``: and ``phase``;
-  ``gas_spatial``: and the spatial augmentation).
+  ``gas_spatial``: and the spatial augmentation; ``gas_batchdice``: and nnU-Net's batch Dice, ``--dice batch``).
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
@@ -82,6 +82,8 @@ VARIANTS = {
             "hollow_organ_gas_prob": 0.5},
     "gas_spatial": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
                     "hollow_organ_gas_prob": 0.5},
+    "gas_batchdice": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
+                      "hollow_organ_gas_prob": 0.5, "dice": "batch"},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
@@ -103,6 +105,7 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
     config.model.patch_size = tuple(settings["patch"])
     config.train.contrast_phase_prob = settings.get("contrast_phase_prob", 0.0)
     config.train.hollow_organ_gas_prob = settings.get("hollow_organ_gas_prob", 0.0)
+    config.train.dice = settings.get("dice", "sample")
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
     config.train.seed = seed

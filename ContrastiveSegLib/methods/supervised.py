@@ -7,21 +7,33 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+DICE_MODES = ("sample", "batch")
+
 
 class SupervisedObjective(nn.Module):
     """``forward({"image": [B, 1, *P], "label": [B, 1, *P] long})`` -> ``(Dice + CE, logs)``.
 
-    MONAI's ``DiceCELoss`` with soft-max outputs, one-hot targets and the
-    background channel included (the usual nnU-Net / UNETR setting), equal weights.
+    MONAI's ``DiceCELoss`` with soft-max outputs and one-hot targets, equal weights. ``dice`` says over
+    what the Dice term is taken:
+
+    * ``"sample"`` (every run before the option existed): per patch and per class, background included.
+      A class absent from a patch scores ``smooth / (predicted + smooth)`` there, so any probability the
+      network gives it in that patch costs nearly a whole Dice point: a pull towards predicting less.
+    * ``"batch"`` (nnU-Net's, for its 3D networks): the overlaps and sizes of each foreground class are
+      summed over the batch before the ratio is taken, background left out, so an organ missing from one
+      patch costs only its false positives relative to the batch's organ.  Under DDP the batch is each
+      process's own.
     """
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, dice: str = "sample"):
         super().__init__()
         from monai.losses import DiceCELoss
 
+        if dice not in DICE_MODES:
+            raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
         self.backbone = backbone
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, squared_pred=False,
-                               smooth_nr=1e-5, smooth_dr=1e-5)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=(dice == "sample"),
+                               batch=(dice == "batch"), squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         logits = self.backbone(batch["image"])

@@ -353,7 +353,7 @@ class _SelfTraining(BaselineStage, PseudoLabelStage):
         length *= self.context.world_size
         labeled = PatchSampler(self.prepared_train, config.model.patch_size, config.train.foreground_ratio)
         if stage.round == 0:
-            objective = SupervisedObjective(backbone)
+            objective = SupervisedObjective(backbone, dice=config.train.dice)
             dataset = SupervisedPatches(labeled, config.train.seed, length, augment=True,
                                         **augmentation_options(config, self.targets))
         else:
