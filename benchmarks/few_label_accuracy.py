@@ -19,7 +19,8 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
   spatial augmentation (``phase_spatial``) or ``ct_zscore`` (``phase_zscore``);
 * ``thin``: ``old`` with a 96 x 96 x 16 patch instead of 64 x 64 x 32 (``thin_phase``: and ``phase``);
 * ``gas``: ``old`` with gas in hollow organs (``--hollow-organ-gas-prob 0.5``; ``phase_gas``: and ``phase``;
-  ``gas_spatial``: and the spatial augmentation; ``gas_batchdice``: and nnU-Net's batch Dice, ``--dice batch``).
+  ``gas_spatial``: and the spatial augmentation; ``gas_batchdice``: and nnU-Net's batch Dice, ``--dice batch``;
+  ``gas_wide``: with a 128 x 128 x 16 patch, the trunk's whole width).
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
@@ -61,6 +62,7 @@ sys.path.insert(0, ROOT)
 # variant does not change when the demo's own settings do.
 OLD_PATCH = (64, 64, 32)
 THIN_PATCH = (96, 96, 16)
+WIDE_PATCH = (128, 128, 16)   # 384 mm across at 3 mm: the whole trunk's width in one window
 # Every variant below trains as before the scan-end setting existed and predicts with its ends as air; the
 # rows "+continue" score the same networks with the ends continued (an inference-time setting).
 VARIANTS = {
@@ -84,6 +86,8 @@ VARIANTS = {
                     "hollow_organ_gas_prob": 0.5},
     "gas_batchdice": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                       "hollow_organ_gas_prob": 0.5, "dice": "batch"},
+    "gas_wide": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": WIDE_PATCH,
+                 "hollow_organ_gas_prob": 0.5},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
