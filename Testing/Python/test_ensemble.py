@@ -103,14 +103,17 @@ def test_predict_cli_averages_several_checkpoints(tmp_path, sample_dir):
     image = os.path.join(sample_dir, "abdomen_ct.nii.gz")
     out = tmp_path / "ensemble.nii.gz"
     result = run_cli(["predict", "--model", first, second, "--image", image, "--out", str(out), "--device", "cpu",
-                      "--no-body-mask"])
+                      "--no-body-mask"], env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    # The CLI's labels are those of the mean of the two networks' probabilities, computed here in-process.
+    # The CLI's labels are those of the mean of the two networks' probabilities, computed here in-process
+    # (also on one thread).  Untrained networks give near-even odds, where the last bit of a sum can decide a
+    # voxel: agreement is required on all but a few voxels in a million, and member 0 alone is far further off.
     members = load_ensemble([first, second], torch.device("cpu"))
     expected, _ = predict_image(members, image, mask_body=False)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), expected)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     alone, _ = predict_image(members[0], image, mask_body=False)
-    assert (alone != expected).any(), "two differently initialised networks should disagree somewhere"
+    assert (written != expected).mean() < 1e-5
+    assert (alone != expected).mean() > 1e-3, "two differently initialised networks should disagree"
     refused = run_cli(["predict", "--model", first, _checkpoint(tmp_path / "c.pt", spacing=(3.0, 3.0, 3.0)),
                        "--image", image, "--out", str(tmp_path / "no.nii.gz"), "--device", "cpu"])
     assert refused.returncode == 2 and "c.pt" in refused.stderr and "--spacing" in refused.stderr
