@@ -9,8 +9,8 @@ takes here (two optimisation steps on random patches after a warm-up one).
 
 :func:`recommended_settings` turns that into defaults: on a GPU the network the
 pre-training methods were designed for (UNETR base, 96^3 patches); without one
-the demo's settings (U-Net small, 64x64x32 patches at 3 mm, 400 steps), which
-train on a laptop CPU in minutes rather than hours.
+the demo's network (U-Net small, 64x64x32 patches at 3 mm) for 400 steps, which
+trains on a laptop CPU in minutes rather than hours.
 """
 
 import json
