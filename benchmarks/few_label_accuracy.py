@@ -229,15 +229,20 @@ def score_ensembles(results: list, size: int) -> list:
             for model in models:
                 model.config.preprocess.beyond_scan_ends = "continue"
             decision = common_postprocessing(models)
+            seeds = [m["seed"] for m in group]
+            # Its own folder beside the members': score_heldout writes the prediction there, and a member's
+            # folder would have its own prediction overwritten.
+            out = os.path.join(os.path.dirname(os.path.dirname(group[0]["run"])),
+                               f"{arm.replace(' ', '-')}-ensemble-seeds{'-'.join(str(s) for s in seeds)}")
+            os.makedirs(out, exist_ok=True)
             rows = {}
             for row, postprocess in (("+continue", None), ("+pp+continue", decision)):
                 for model in models:
                     model.postprocess = postprocess
                 begin = time.perf_counter()
-                metrics = score_heldout(models, os.path.dirname(group[0]["run"]))[0]
+                metrics = score_heldout(models, out)[0]
                 rows[row] = {"dice": metrics["dice"], "mean_dice": metrics["mean_dice"],
                              "predict_seconds": round(time.perf_counter() - begin, 2)}
-            seeds = [m["seed"] for m in group]
             ensembles.append({"variant": f"{arm} ensemble of {size}", "seed": seeds[0], "seeds": seeds,
                               "runs": [m["run"] for m in group], "train_seconds": 0.0, "rows": rows})
             print(f"{arm} seeds {seeds}: " + ", ".join(f"{row} {values['mean_dice']:.3f}"
