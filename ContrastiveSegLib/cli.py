@@ -87,6 +87,14 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gas in hollow organs: each stomach, bowel or oesophagus of a patch, with probability "
                              "P, has its front part turned into gas under a flat level, for scans where it holds "
                              "gas and the training scans' does not (CT only; default: 0, off)")
+    parser.add_argument("--vessel-contrast-prob", type=float, default=0.0, metavar="P",
+                        help="contrast in vessels: each aorta or other vessel of a patch, with probability P, has "
+                             "the blood inside its wall brightened by 50-300 HU, for scans with intravenous "
+                             "contrast when the training scans have none (CT only; default: 0, off)")
+    parser.add_argument("--thin-scan-prob", type=float, default=0.0, metavar="P",
+                        help="thin scans: each patch, with probability P, keeps a slab of its middle slices and "
+                             "repeats the slab's ends, as predict continues a scan thinner than the patch "
+                             "(needs --beyond-scan-ends continue; default: 0, off)")
     parser.add_argument("--dice", choices=["sample", "batch"], default="sample",
                         help="the loss's Dice term: per patch with background (sample) or nnU-Net's, summed over "
                              "the batch, foreground only (batch) (default: sample)")
@@ -390,6 +398,12 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
         raise InputError(f"{args.hollow_organ_gas_prob} is not a probability in [0, 1]",
                          path="--hollow-organ-gas-prob")
     config.train.hollow_organ_gas_prob = args.hollow_organ_gas_prob
+    if not 0.0 <= args.vessel_contrast_prob <= 1.0:
+        raise InputError(f"{args.vessel_contrast_prob} is not a probability in [0, 1]", path="--vessel-contrast-prob")
+    config.train.vessel_contrast_prob = args.vessel_contrast_prob
+    if not 0.0 <= args.thin_scan_prob <= 1.0:
+        raise InputError(f"{args.thin_scan_prob} is not a probability in [0, 1]", path="--thin-scan-prob")
+    config.train.thin_scan_prob = args.thin_scan_prob
     config.train.dice = args.dice
     config.postprocess.choose_on = args.postprocess_on
 

@@ -105,6 +105,15 @@ class TrainConfig:
     # bowel, ...) of a training patch, with this probability, has its most anterior part turned into gas, so
     # that a network trained on a fluid-filled stomach also knows a gas-filled one (0: off).
     hollow_organ_gas_prob: float = 0.0
+    # Contrast in vessels (data/views.py, vessel_lumen_contrast): each vessel among the targets (aorta, ...)
+    # of a training patch, with this probability, has the blood inside its wall brightened by 50-300 HU, so
+    # that a network trained without intravenous contrast also knows a contrast-filled vessel (0: off).
+    vessel_contrast_prob: float = 0.0
+    # Thin scans (data/views.py, thin_scan_slab): a training patch, with this probability, keeps a slab of
+    # its slices around its middle and repeats the slab's end slices to the patch's length, as predict
+    # shows a scan thinner than the patch (beyond_scan_ends "continue"), so that such a window is not new
+    # to the network (0: off).
+    thin_scan_prob: float = 0.0
     # The Dice term of the supervised loss (methods/supervised.py): "sample", per patch with background
     # (every run before this option), or "batch", nnU-Net's, summed over the batch, foreground only.
     dice: str = "sample"

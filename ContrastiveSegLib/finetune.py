@@ -109,8 +109,8 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
     An InputError if a left/right pair would break under the mirror axes, or if contrast-phase
     augmentation is asked of a normalisation that is not in HU.
     """
-    from .data.preprocess import normalised_range, units_per_hu
-    from .data.views import HOLLOW_ORGANS, anterior_axis, check_mirror_axes, lateral_swap, left_right_axis
+    from .data.preprocess import continued_axes, normalised_range, units_per_hu
+    from .data.views import HOLLOW_ORGANS, VESSELS, anterior_axis, check_mirror_axes, lateral_swap, left_right_axis
 
     axes = tuple(config.train.mirror_axes)
     try:
@@ -137,9 +137,27 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
         gas = {"prob": float(config.train.hollow_organ_gas_prob),
                "classes": [number for number, name in enumerate(targets, start=1) if name in HOLLOW_ORGANS],
                "air": normalised_range(config.preprocess)[0], "anterior_axis": axis, "anterior_sign": sign}
+    vessels = None
+    if config.train.vessel_contrast_prob > 0:
+        scale = units_per_hu(config.preprocess)
+        if scale is None:
+            raise InputError(f"contrast in vessels brightens their blood in HU, and intensity "
+                             f"{config.preprocess.intensity!r} is not in HU", path="--vessel-contrast-prob",
+                             fix="use it with --intensity ct_window or ct_zscore, or leave it at 0")
+        vessels = {"prob": float(config.train.vessel_contrast_prob),
+                   "classes": [number for number, name in enumerate(targets, start=1) if name in VESSELS],
+                   "units_per_hu": scale, "value_range": normalised_range(config.preprocess)}
+    thin_scan = None
+    if config.train.thin_scan_prob > 0:
+        ends = continued_axes(config.preprocess)
+        if not ends:
+            raise InputError("thin-scan augmentation shows the network a thin scan as predict continues its ends, "
+                             "and this run fills them with air", path="--thin-scan-prob",
+                             fix="use it with --beyond-scan-ends continue, or leave it at 0")
+        thin_scan = {"prob": float(config.train.thin_scan_prob), "axis": ends[0]}
     return {"augmentation": config.train.augmentation, "mirror_axes": axes,
             "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral,
-            "contrast_phase": contrast_phase, "gas": gas}
+            "contrast_phase": contrast_phase, "gas": gas, "thin_scan": thin_scan, "vessels": vessels}
 
 
 def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,

@@ -88,6 +88,10 @@ VARIANTS = {
                       "hollow_organ_gas_prob": 0.5, "dice": "batch"},
     "gas_wide": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": WIDE_PATCH,
                  "hollow_organ_gas_prob": 0.5},
+    "gas_spatial_thin": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
+                         "hollow_organ_gas_prob": 0.5, "thin_scan_prob": 0.5, "beyond_scan_ends": "continue"},
+    "gas_spatial_vessel": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
+                           "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
@@ -110,6 +114,8 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
     config.train.contrast_phase_prob = settings.get("contrast_phase_prob", 0.0)
     config.train.hollow_organ_gas_prob = settings.get("hollow_organ_gas_prob", 0.0)
     config.train.dice = settings.get("dice", "sample")
+    config.train.thin_scan_prob = settings.get("thin_scan_prob", 0.0)
+    config.train.vessel_contrast_prob = settings.get("vessel_contrast_prob", 0.0)
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
     config.train.seed = seed

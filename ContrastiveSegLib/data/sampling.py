@@ -17,7 +17,14 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .preprocess import PreparedCase
-from .views import contrast_phase_shift, hollow_organ_gas, intensity_augment, supervised_augment
+from .views import (
+    contrast_phase_shift,
+    hollow_organ_gas,
+    intensity_augment,
+    supervised_augment,
+    thin_scan_slab,
+    vessel_lumen_contrast,
+)
 
 
 def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
@@ -103,13 +110,17 @@ class SupervisedPatches(Dataset):
     ``lateral_axis`` is mirrored (:func:`~.views.lateral_swap`).  ``contrast_phase``: ``{"prob",
     "units_per_hu", "value_range"}`` for :func:`~.views.contrast_phase_shift` (None: off), applied first;
     ``gas``: ``{"prob", "classes", "air", "anterior_axis", "anterior_sign"}`` for
-    :func:`~.views.hollow_organ_gas` (None: off), applied after it.
+    :func:`~.views.hollow_organ_gas` (None: off), applied after it; ``vessels``: ``{"prob", "classes",
+    "units_per_hu", "value_range"}`` for :func:`~.views.vessel_lumen_contrast` (None: off), between the two.
+    ``thin_scan``: ``{"prob", "axis"}`` for
+    :func:`~.views.thin_scan_slab` (None: off), applied last, to image and label.
     """
 
     def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,
                  augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
                  swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
-                 contrast_phase: Optional[dict] = None, gas: Optional[dict] = None):
+                 contrast_phase: Optional[dict] = None, gas: Optional[dict] = None,
+                 thin_scan: Optional[dict] = None, vessels: Optional[dict] = None):
         if augmentation not in ("intensity", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
         self.sampler = sampler
@@ -122,6 +133,8 @@ class SupervisedPatches(Dataset):
         self.lateral_axis = int(lateral_axis)
         self.contrast_phase = contrast_phase if contrast_phase and contrast_phase.get("prob", 0) > 0 else None
         self.gas = gas if gas and gas.get("prob", 0) > 0 and gas.get("classes") else None
+        self.vessels = vessels if vessels and vessels.get("prob", 0) > 0 and vessels.get("classes") else None
+        self.thin_scan = thin_scan if thin_scan and thin_scan.get("prob", 0) > 0 else None
 
     def __len__(self) -> int:
         return self.length
@@ -139,16 +152,20 @@ class SupervisedPatches(Dataset):
             image, label, _ = self.sampler.sample(rng)
             if self.augment:
                 image = intensity_augment(self._organ_intensities(image, label, rng), rng)
+        if self.augment and self.thin_scan is not None:
+            image, label = thin_scan_slab(image, label, rng, **self.thin_scan)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label))}
 
     def _organ_intensities(self, image: np.ndarray, label: Optional[np.ndarray],
                            rng: np.random.Generator) -> np.ndarray:
-        """The organ-wise intensity augmentations: contrast phase, then gas in hollow organs."""
+        """The organ-wise intensity augmentations: contrast phase, contrast in vessels, gas in hollow organs."""
         if label is None:
             return image
         if self.contrast_phase is not None:
             image = contrast_phase_shift(image, label, rng, **self.contrast_phase)
+        if self.vessels is not None:
+            image = vessel_lumen_contrast(image, label, rng, **self.vessels)
         if self.gas is not None:
             image = hollow_organ_gas(image, label, rng, **self.gas)
         return image

@@ -385,6 +385,49 @@ def contrast_phase_shift(image: np.ndarray, label: np.ndarray, rng: np.random.Ge
     return np.clip(out, value_range[0], value_range[1], out=out)
 
 
+# Blood vessels (canonical names, data/labels.py): intravenous contrast brightens the blood inside them.
+VESSELS = ("aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "superior_vena_cava",
+           "pulmonary_artery", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left", "iliac_vena_right")
+# How much brighter contrast makes the blood, in HU: from a late venous phase to an arterial one.
+VESSEL_CONTRAST_HU = (50.0, 300.0)
+
+
+def vessel_lumen_contrast(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float,
+                          classes: Sequence[int], units_per_hu: float, value_range: Tuple[float, float],
+                          shift_hu: Tuple[float, float] = VESSEL_CONTRAST_HU) -> np.ndarray:
+    """Each vessel of a patch, with probability ``prob``, has the blood inside its wall brightened.
+
+    Contrast brightens the blood, not the vessel's wall: in a contrast-enhanced scan the aorta is a bright
+    disc inside a ring of wall at soft-tissue HU, while without contrast wall and blood are one grey disc.
+    A network trained on scans without contrast learns the grey disc; shown the bright one, it takes the
+    ring for something else.  Here the inside of each vessel (the label eroded by one voxel; the rim, its
+    wall at 3 mm, is left as it is) is moved up by an offset drawn from ``shift_hu``, clipped to the
+    normalisation's range.  The label does not change.
+
+    Args:
+        image: ``[1, *patch]`` float32, normalised (``units_per_hu`` normalised units per HU).
+        label: ``[1, *patch]`` classes of the patch.
+        classes: the label values of the vessels among the run's targets (:data:`VESSELS`).
+
+    Draws from ``rng`` only when ``prob > 0``, so a run without it samples as before.
+    """
+    if prob <= 0:
+        return image
+    from scipy.ndimage import binary_erosion
+
+    out = None
+    for value in classes:
+        if rng.random() >= prob:
+            continue
+        offset = rng.uniform(*shift_hu) * units_per_hu
+        lumen = binary_erosion(label[0] == value)
+        if not lumen.any():
+            continue
+        out = np.array(image, dtype=np.float32, copy=True) if out is None else out
+        out[0][lumen] = np.clip(out[0][lumen] + np.float32(offset), value_range[0], value_range[1])
+    return image if out is None else out
+
+
 # Organs that hold gas in some patients and not in others (canonical names, data/labels.py).
 HOLLOW_ORGANS = ("stomach", "duodenum", "small_bowel", "colon", "esophagus")
 # Share of a hollow organ's voxels (the most anterior ones) that hollow_organ_gas turns into gas.
@@ -432,6 +475,43 @@ def hollow_organ_gas(image: np.ndarray, label: np.ndarray, rng: np.random.Genera
         out = np.array(image, dtype=np.float32, copy=True) if out is None else out
         out[0][gas] = np.float32(air)
     return image if out is None else out
+
+
+# The thinnest scan thin_scan_slab simulates, as a share of the patch along the body's long axis.
+THIN_SCAN_MIN_SHARE = 0.125
+
+
+def thin_scan_slab(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float,
+                   axis: int, min_share: float = THIN_SCAN_MIN_SHARE) -> Tuple[np.ndarray, np.ndarray]:
+    """With probability ``prob``, the patch as ``predict`` shows a scan thinner than the patch.
+
+    A scan with fewer slices than the patch along the body's long axis is predicted with its first and
+    last slices repeated to the patch's length (``engine/inference.py``, ``continue_to_patch``: half the
+    missing slices before, the rest after).  A network trained only on patches of a longer scan has never
+    seen that: each window of such a scan is a few real slices inside many copies of its end slices.  Here
+    the patch keeps ``k`` slices around its middle (``k`` drawn uniformly from ``min_share`` of the patch's
+    length to one slice less than it), placed as ``continue_to_patch`` places a ``k``-slice scan, and its
+    end slices are repeated outwards, in the image and in the label alike (a repeated slice is the same
+    anatomy).
+
+    Args:
+        image, label: ``[1, *patch]`` arrays, after every other augmentation (a scan's own noise is
+            repeated with its slices, too).
+        axis: the patch axis of the body's long axis (``data.preprocess.continued_axes``).
+
+    Returns ``(image, label)``; the inputs when the draw says no.  Draws from ``rng`` only when
+    ``prob > 0``, so a run without it samples as before.
+    """
+    if prob <= 0:
+        return image, label
+    length = image.shape[axis + 1]
+    if rng.random() >= prob or length < 3:
+        return image, label
+    slices = int(rng.integers(max(1, int(round(min_share * length))), length))
+    low = (length - slices) // 2
+    # The slab's index along the axis for every position of the patch: its ends repeated outwards.
+    source = np.clip(np.arange(length), low, low + slices - 1)
+    return np.take(image, source, axis=axis + 1), np.take(label, source, axis=axis + 1)
 
 
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}

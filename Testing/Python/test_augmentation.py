@@ -290,3 +290,124 @@ def test_gas_reaches_only_hollow_targets_and_keeps_samples_reproducible():
     config.preprocess.intensity = "percentile"   # MR: there is no gas value to give
     with pytest.raises(InputError, match="CT"):
         augmentation_options(config, ["stomach"])
+
+
+def test_thin_scan_slab_repeats_the_middle_slabs_ends_as_predict_continues_a_thin_scan():
+    import torch
+
+    from ContrastiveSegLib.data.views import THIN_SCAN_MIN_SHARE, thin_scan_slab
+    from ContrastiveSegLib.engine.inference import continue_to_patch
+
+    length = 16
+    image = np.arange(length, dtype=np.float32)[None, None, None, :].repeat(3, 1).repeat(2, 2)   # [1, 3, 2, 16]
+    label = (image > 7).astype(np.int64)
+    slabs = set()
+    for index in range(40):
+        out, out_label = thin_scan_slab(image, label, np.random.default_rng([2, index]), prob=0.5, axis=2)
+        if out is image:
+            assert out_label is label
+            continue
+        values = out[0, 0, 0]
+        kept = np.unique(values)
+        # The slab is contiguous, and a k-slice scan continued to the patch is exactly this patch.
+        slices, low = len(kept), int(kept[0])
+        assert np.array_equal(kept, np.arange(low, low + slices))
+        assert round(THIN_SCAN_MIN_SHARE * length) <= slices < length
+        scan = torch.from_numpy(image[None, :, :, :, low:low + slices])
+        continued, where = continue_to_patch(scan, (3, 2, length), axes=(2,))
+        np.testing.assert_array_equal(out, continued[0].numpy())
+        assert where[2] == slice(low, low + slices)
+        # The label travels with its slices: every position keeps the label of the slice it shows.
+        np.testing.assert_array_equal(out_label, (out > 7).astype(np.int64))
+        slabs.add(slices)
+    assert len(slabs) > 5   # prob 0.5 of 40 patches, slab thickness drawn anew each time
+    # Off: the same arrays back and no draw from the generator, so runs without it sample as before.
+    generator = np.random.default_rng(1)
+    out, out_label = thin_scan_slab(image, label, generator, 0.0, axis=2)
+    assert out is image and out_label is label
+    assert generator.random() == np.random.default_rng(1).random()
+
+
+def test_thin_scan_option_needs_continued_ends_and_keeps_samples_reproducible():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.errors import InputError
+    from ContrastiveSegLib.finetune import augmentation_options
+
+    image, label = _cube_case()
+    case = PreparedCase("cube", image * 0.5, label, np.eye(4))
+    config = RunConfig()
+    assert augmentation_options(config, ["liver"])["thin_scan"] is None
+    config.train.thin_scan_prob = 1.0
+    options = augmentation_options(config, ["liver"])
+    assert options["thin_scan"] == {"prob": 1.0, "axis": 2}
+    for augmentation in ("intensity", "spatial"):
+        options["augmentation"] = augmentation
+        thin = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **options)
+        again = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **options)
+        for index in range(4):
+            first, second = thin[index], again[index]
+            np.testing.assert_array_equal(first["image"].numpy(), second["image"].numpy())
+            np.testing.assert_array_equal(first["label"].numpy(), second["label"].numpy())
+            # Every patch is a thin scan continued: its first and last slices repeat at least once.
+            patch = first["image"].numpy()[0]
+            assert np.array_equal(patch[..., 0], patch[..., 1]) or np.array_equal(patch[..., -1], patch[..., -2])
+    config.preprocess.beyond_scan_ends = "air"   # predict pads such a run's thin scans with air: nothing to mimic
+    with pytest.raises(InputError, match="air"):
+        augmentation_options(config, ["liver"])
+
+
+def test_vessel_lumen_contrast_brightens_the_blood_inside_the_wall_and_nothing_else():
+    from ContrastiveSegLib.data.views import VESSEL_CONTRAST_HU, vessel_lumen_contrast
+
+    units = 1.0 / 400.0   # the CT window [-150, 250] HU -> [0, 1]
+    image = np.full((1, 10, 10, 10), 0.2, dtype=np.float32)   # + at most 300 HU: 0.95, inside the window
+    image[0, 5, 5, 5] = 0.95   # a voxel of the lumen near the window's top: its shift is clipped
+    label = np.zeros(image.shape, dtype=np.int64)
+    label[0, 2:8, 2:8, 2:8] = 4   # a vessel: its inside is the 4 x 4 x 4 cube 3..6
+    label[0, 0:2, 0:2, 0:2] = 1   # an organ that is not a vessel
+    lumen = np.zeros(image.shape[1:], bool)
+    lumen[3:7, 3:7, 3:7] = True
+    offsets = []
+    for index in range(20):
+        out = vessel_lumen_contrast(image, label, np.random.default_rng([3, index]), prob=0.5, classes=[4],
+                                    units_per_hu=units, value_range=(0.0, 1.0))
+        np.testing.assert_array_equal(out[0][~lumen], image[0][~lumen])   # wall, organ and background: as they were
+        if out is image:
+            continue
+        moved = out[0][lumen] - image[0][lumen]
+        offset = moved[0]
+        assert VESSEL_CONTRAST_HU[0] * units <= offset <= VESSEL_CONTRAST_HU[1] * units
+        # One offset for the whole lumen, up to the window's top (the bright voxel is clipped at 1).
+        assert out[0, 5, 5, 5] == min(np.float32(0.95) + np.float32(offset), 1.0)
+        assert np.allclose(np.delete(moved, np.flatnonzero(image[0][lumen] > 0.9)), offset)
+        offsets.append(float(offset))
+    assert 4 <= len(offsets) <= 16 and len(set(offsets)) == len(offsets)   # prob 0.5 of 20, drawn anew
+    # Off: the same array back and no draw from the generator, so runs without it sample as before.
+    generator = np.random.default_rng(1)
+    assert vessel_lumen_contrast(image, label, generator, 0.0, [4], units, (0.0, 1.0)) is image
+    assert generator.random() == np.random.default_rng(1).random()
+
+
+def test_vessel_contrast_reaches_only_vessel_targets_and_needs_hu():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.errors import InputError
+    from ContrastiveSegLib.finetune import augmentation_options
+
+    config = RunConfig()
+    assert augmentation_options(config, ["aorta"])["vessels"] is None
+    config.train.vessel_contrast_prob = 1.0
+    options = augmentation_options(config, ["liver", "aorta", "inferior_vena_cava"])
+    assert options["vessels"]["classes"] == [2, 3] and options["vessels"]["prob"] == 1.0
+    image, label = _cube_case()
+    case = PreparedCase("cube", image * 0.5, label, np.eye(4))
+    # A liver is not a vessel: the option leaves its patches exactly as without it.
+    solid = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **augmentation_options(config, ["liver"]))
+    config.train.vessel_contrast_prob = 0.0
+    plain = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **augmentation_options(config, ["liver"]))
+    np.testing.assert_array_equal(plain[0]["image"].numpy(), solid[0]["image"].numpy())
+    config.train.vessel_contrast_prob = 1.0
+    vessel = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **augmentation_options(config, ["aorta"]))
+    assert not np.array_equal(plain[0]["image"].numpy(), vessel[0]["image"].numpy())
+    config.preprocess.intensity = "percentile"   # MR: no HU to brighten by
+    with pytest.raises(InputError, match="HU"):
+        augmentation_options(config, ["aorta"])
