@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="average over copies flipped along the axes the run trained mirrored (left/right "
                               "organs swapped); 2^axes times slower, no change for runs trained without mirroring")
     predict.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default: best)")
+    predict.add_argument("--background-weight", type=float, default=1.0, metavar="W",
+                         help="multiply the background's probability by W before choosing each voxel's class: "
+                              "below 1, organs grow into voxels the network was unsure of (default: 1, as trained)")
     predict.add_argument("--events-stdout", action="store_true",
                          help="print progress events as JSON lines on stdout (start, step 1-3, finished)")
     predict.add_argument("--no-body-mask", dest="body_mask", action="store_false",
@@ -465,6 +468,9 @@ def _cmd_predict(args) -> int:
 
     if not 0.0 <= args.overlap < 1.0:
         raise InputError(f"{args.overlap} is not in [0, 1)", path="--overlap")
+    if not args.background_weight > 0:
+        raise InputError(f"{args.background_weight} is not a positive weight", path="--background-weight",
+                         fix="give a number above 0; 1 predicts as trained")
     check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
     events = EventLog(None, to_stdout=args.events_stdout)  # three steps: model loaded, predicted, written
     device = choose_device(args.device)
@@ -472,7 +478,7 @@ def _cmd_predict(args) -> int:
     models = load_ensemble(args.model, device, checkpoint=args.checkpoint)
     events.emit("step", step=1, total=3)
     labels, image = predict_image(models, args.image, overlap=args.overlap, flip_tta=args.tta,
-                                  mask_body=args.body_mask)
+                                  mask_body=args.body_mask, background_weight=args.background_weight)
     events.emit("step", step=2, total=3)
     names = {value: name for value, name in models[0].labels.items() if value != 0}
     write_labelmap(args.out, labels, image, names=names, colors=colors_for(list(names.values())))

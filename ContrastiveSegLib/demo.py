@@ -96,7 +96,7 @@ def heldout_reference_names(names) -> dict:
     return reference_names
 
 
-def score_heldout(model, out: str, flip_tta: bool = False, mask_body: bool = True):
+def score_heldout(model, out: str, flip_tta: bool = False, mask_body: bool = True, background_weight: float = 1.0):
     """Predict patient B onto its own grid with ``model`` (or a list of models: their ensemble), write the
     labelmaps into ``out`` and score them.
 
@@ -111,7 +111,7 @@ def score_heldout(model, out: str, flip_tta: bool = False, mask_body: bool = Tru
     paths = sample_paths()
     image = read_image(paths["heldout_image"], as_float32=False)
     labels, _ = predict_image(model, paths["heldout_image"], overlap=0.5, image=image, flip_tta=flip_tta,
-                              mask_body=mask_body)
+                              mask_body=mask_body, background_weight=background_weight)
     first = model if isinstance(model, LoadedModel) else model[0]
     names = {value: name for value, name in first.labels.items() if value != 0}
     colors = colors_for(list(names.values()))

@@ -27,7 +27,9 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 Every variant predicts with the scan's ends as air (``--beyond-scan-ends air``, what every run did before
 the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
 continued, today's default.  ``--rescore OUT ...`` scores runs trained by an earlier invocation again;
-with ``--ensemble K``, also ensembles of K of an arm's networks (``predict --model RUN RUN ...``).
+with ``--ensemble K``, also ensembles of K of an arm's networks (``predict --model RUN RUN ...``); with
+``--background-weights W,...``, also the rows ``+pp+continue bg W``: the background's probability multiplied
+by W before the arg-max (``predict --background-weight W``), written to ``RESCORED_BACKGROUND.json``.
 
 Rows scored from each trained model (no retraining): ``plain``; ``+pp``, the largest-component rule
 chosen on patient A; ``+pp+tta``, that and ``predict --tta`` (flips along the trained mirror axes:
@@ -151,19 +153,20 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, ini
             "intensity_stats": model.config.preprocess.intensity_stats}
 
 
-def score_rows(model, variant: str, out: str) -> dict:
+def score_rows(model, variant: str, out: str, background_weights=()) -> dict:
     """Every row of one trained model on patient B: {row: {"dice", "mean_dice", "predict_seconds"}}.
 
     ``plain`` and ``+pp`` (the largest-component rule chosen on A); ``+pp+tta`` when the run trained
     mirrored; ``+continue`` and ``+pp+continue`` when it predicts with the scan's ends as air (the same
-    network, the ends continued); ``+tta_all_axes`` for ``old``.
+    network, the ends continued); ``+tta_all_axes`` for ``old``; ``+pp+continue bg W`` for each of
+    ``background_weights`` (the background's probability times W before the arg-max).
     """
     from ContrastiveSegLib.demo import score_heldout
 
     decision, preprocess = model.postprocess, model.config.preprocess
     rows = {}
 
-    def score(row: str, tta: bool = False, postprocess=None, mirror_axes=None, ends=None):
+    def score(row: str, tta: bool = False, postprocess=None, mirror_axes=None, ends=None, background_weight=1.0):
         model.postprocess = postprocess
         saved_axes, saved_ends = model.config.train.mirror_axes, preprocess.beyond_scan_ends
         if mirror_axes is not None:
@@ -171,7 +174,7 @@ def score_rows(model, variant: str, out: str) -> dict:
         if ends is not None:
             preprocess.beyond_scan_ends = ends
         begin = time.perf_counter()
-        metrics = score_heldout(model, out, flip_tta=tta)[0]
+        metrics = score_heldout(model, out, flip_tta=tta, background_weight=background_weight)[0]
         model.config.train.mirror_axes, preprocess.beyond_scan_ends = saved_axes, saved_ends
         rows[row] = {"dice": metrics["dice"], "mean_dice": metrics["mean_dice"],
                      "predict_seconds": round(time.perf_counter() - begin, 2)}
@@ -185,11 +188,13 @@ def score_rows(model, variant: str, out: str) -> dict:
         score("+pp+continue", postprocess=decision, ends="continue")
     if variant == "old":
         score("+tta_all_axes", tta=True, mirror_axes=(0, 1, 2))
+    for weight in background_weights:
+        score(f"+pp+continue bg {weight:g}", postprocess=decision, ends="continue", background_weight=weight)
     model.postprocess = decision
     return rows
 
 
-def rescore(folder: str) -> list:
+def rescore(folder: str, background_weights=()) -> list:
     """Score every trained run under ``folder`` (``VARIANT-seedS/run``, as this benchmark writes them) again,
     with today's rows; the runs' training is not repeated (train seconds are kept from RESULTS.json)."""
     import glob
@@ -203,7 +208,7 @@ def rescore(folder: str) -> list:
         name = os.path.basename(os.path.dirname(run_dir))
         variant, seed = name.rsplit("-seed", 1)
         model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
-        rows = score_rows(model, variant, os.path.dirname(run_dir))
+        rows = score_rows(model, variant, os.path.dirname(run_dir), background_weights)
         init = model.config.init_checkpoint
         # A run started from pre-training is its own arm: its rows are not averaged with scratch's.
         label = f"{variant} from {os.path.basename(os.path.dirname(os.path.dirname(init)))}" if init else variant
@@ -340,6 +345,10 @@ def main() -> int:
     parser.add_argument("--ensemble", type=int, default=0, metavar="K",
                         help="with --rescore: also score ensembles of K networks of each arm (disjoint groups of "
                              "consecutive seeds, their probabilities averaged)")
+    parser.add_argument("--background-weights", default="", metavar="W,W,...",
+                        help="with --rescore: also score each network with the background's probability times W "
+                             "before the arg-max, for each W (predict --background-weight); writes "
+                             "RESCORED_BACKGROUND.json")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = os.path.abspath(args.out)
@@ -351,11 +360,13 @@ def main() -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
-        results = [result for folder in args.rescore for result in rescore(os.path.abspath(folder))]
+        weights = [float(w) for w in args.background_weights.split(",") if w]
+        results = [result for folder in args.rescore for result in rescore(os.path.abspath(folder), weights)]
         if args.ensemble > 1:
             results += score_ensembles(results, args.ensemble)
         summary = summarise(results)
-        with open(os.path.join(os.path.abspath(args.rescore[0]), "RESCORED.json"), "w", encoding="utf-8") as handle:
+        name = "RESCORED_BACKGROUND.json" if weights else "RESCORED.json"
+        with open(os.path.join(os.path.abspath(args.rescore[0]), name), "w", encoding="utf-8") as handle:
             json.dump({"command": "python benchmarks/few_label_accuracy.py " + " ".join(sys.argv[1:]),
                        "results": results, "summary": summary}, handle, indent=1)
         print(markdown_table(summary))

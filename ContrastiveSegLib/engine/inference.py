@@ -308,13 +308,16 @@ def _interpolate_undecided(labels: np.ndarray, probabilities: np.ndarray, grid: 
 
 
 def predict_image(model: Union[LoadedModel, Sequence[LoadedModel]], image_path: str, overlap: float = 0.5,
-                  flip_tta: bool = False, image: Optional[sitk.Image] = None, mask_body: bool = True):
+                  flip_tta: bool = False, image: Optional[sitk.Image] = None, mask_body: bool = True,
+                  background_weight: float = 1.0):
     """Predict one image file; returns ``(labels_zyx uint8 on the input grid, input sitk.Image)``.
 
     The image is normalised as the run says (its CT window, or its saved ct_zscore statistics).
     ``model`` may be a list from :func:`load_ensemble`: the class probabilities of its members are
     averaged on the network's grid before anything else.
     ``flip_tta`` averages over flips of the axes the run trained mirrored (:func:`tta_flips`).
+    ``background_weight`` multiplies the background's probability before the arg-max: below 1, a voxel
+    becomes an organ on less evidence (more of each organ); 1, the arg-max as trained.
     ``mask_body``: set everything outside the patient's trunk to background
     (:mod:`.body`), for models trained on CT in HU; other models are left as predicted.
     The run's post-processing decision, if it has one, is applied last (an ensemble's:
@@ -334,7 +337,12 @@ def predict_image(model: Union[LoadedModel, Sequence[LoadedModel]], image_path: 
     for member in models:
         p, affine = network_probabilities(member, on_grid, overlap, flip_tta)
         probabilities = p if probabilities is None else probabilities + p
-    labels = probabilities_to_input_grid((probabilities / len(models)).cpu().numpy(), affine, image)
+    if not background_weight > 0:
+        raise ValueError(f"background_weight must be positive, got {background_weight}")
+    probabilities = (probabilities / len(models)).cpu().numpy()
+    if background_weight != 1.0:
+        probabilities[0] *= np.float32(background_weight)
+    labels = probabilities_to_input_grid(probabilities, affine, image)
     if mask_body and models[0].config.preprocess.is_ct():
         from .body import mask_outside_body
 

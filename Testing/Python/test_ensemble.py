@@ -1,5 +1,6 @@
 """predict with several runs: their class probabilities are averaged (an ensemble), runs that do not fit
-together are refused, and the largest-component rule applies only where every member chose it."""
+together are refused, and the largest-component rule applies only where every member chose it; and the
+background's weight in predict's arg-max."""
 
 from __future__ import annotations
 
@@ -65,6 +66,27 @@ def test_the_ensemble_takes_the_mean_of_its_members_probabilities():
     np.testing.assert_array_equal(single, twice)
 
 
+def test_a_background_weight_below_one_lets_an_organ_win_on_less_evidence():
+    image = _image()
+
+    def predicted(weight, probabilities=(0.5, 0.3, 0.2)):
+        labels, _ = predict_image(_model(list(probabilities)), "unused", image=image, mask_body=False,
+                                  background_weight=weight)
+        return set(np.unique(labels).tolist())
+
+    # background 0.5 against liver 0.3: the arg-max says background; at weight 0.5 the background counts
+    # 0.25 and the liver wins; at 0.7 it counts 0.35 and still wins.  The spleen (0.2) never does.
+    assert predicted(1.0) == {0} and predicted(0.7) == {0} and predicted(0.5) == {1} and predicted(0.1) == {1}
+    # Above one: the organs need more evidence (liver 0.6 against 0.3 x 2.5 = 0.75).
+    assert predicted(1.0, (0.3, 0.6, 0.1)) == {1} and predicted(2.5, (0.3, 0.6, 0.1)) == {0}
+    default, _ = predict_image(_model([0.45, 0.35, 0.2]), "unused", image=image, mask_body=False)
+    weighted, _ = predict_image(_model([0.45, 0.35, 0.2]), "unused", image=image, mask_body=False,
+                                background_weight=1.0)
+    np.testing.assert_array_equal(default, weighted)
+    with pytest.raises(ValueError, match="positive"):
+        predict_image(_model([0.5, 0.3, 0.2]), "unused", image=image, background_weight=0.0)
+
+
 def test_an_organ_keeps_its_largest_component_only_where_every_member_chose_it():
     both = {"largest_component": ["liver", "spleen"]}
     liver = {"largest_component": ["liver"]}
@@ -117,3 +139,6 @@ def test_predict_cli_averages_several_checkpoints(tmp_path, sample_dir):
     refused = run_cli(["predict", "--model", first, _checkpoint(tmp_path / "c.pt", spacing=(3.0, 3.0, 3.0)),
                        "--image", image, "--out", str(tmp_path / "no.nii.gz"), "--device", "cpu"])
     assert refused.returncode == 2 and "c.pt" in refused.stderr and "--spacing" in refused.stderr
+    weightless = run_cli(["predict", "--model", first, "--image", image, "--out", str(tmp_path / "no.nii.gz"),
+                          "--background-weight", "0"])
+    assert weightless.returncode == 2 and "--background-weight" in weightless.stderr
