@@ -20,11 +20,14 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 * ``thin``: ``old`` with a 96 x 96 x 16 patch instead of 64 x 64 x 32 (``thin_phase``: and ``phase``);
 * ``gas``: ``old`` with gas in hollow organs (``--hollow-organ-gas-prob 0.5``; ``phase_gas``: and ``phase``;
   ``gas_spatial``: and the spatial augmentation; ``gas_batchdice``: and nnU-Net's batch Dice, ``--dice batch``;
-  ``gas_wide``: with a 128 x 128 x 16 patch, the trunk's whole width).
+  ``gas_wide``: with a 128 x 128 x 16 patch, the trunk's whole width);
+* ``gas_spatial_thin``: ``gas_spatial`` with thin scans simulated (``--thin-scan-prob 0.5``; it needs the ends
+  continued, so its ``plain`` and ``+pp`` rows already continue them); ``gas_spatial_vessel``: with contrast in vessels (``--vessel-contrast-prob 0.5``);
+  ``gas_spatial_thin_vessel``: with both.
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
-Every variant predicts with the scan's ends as air (``--beyond-scan-ends air``, what every run did before
+Every variant but those with thin scans predicts with the scan's ends as air (``--beyond-scan-ends air``, what every run did before
 the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
 continued, today's default.  ``--rescore OUT ...`` scores runs trained by an earlier invocation again;
 with ``--ensemble K``, also ensembles of K of an arm's networks (``predict --model RUN RUN ...``); with
@@ -94,6 +97,9 @@ VARIANTS = {
                          "hollow_organ_gas_prob": 0.5, "thin_scan_prob": 0.5, "beyond_scan_ends": "continue"},
     "gas_spatial_vessel": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
                            "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5},
+    "gas_spatial_thin_vessel": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
+                                "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "thin_scan_prob": 0.5,
+                                "vessel_contrast_prob": 0.5, "beyond_scan_ends": "continue"},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
