@@ -394,19 +394,12 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
         raise InputError(f"{args.mirror_axes!r} is not a list of axes 0, 1, 2", path="--mirror-axes",
                          fix="write e.g. --mirror-axes 1,2")
     config.train.mirror_axes = axes
-    if not 0.0 <= args.contrast_phase_prob <= 1.0:
-        raise InputError(f"{args.contrast_phase_prob} is not a probability in [0, 1]", path="--contrast-phase-prob")
-    config.train.contrast_phase_prob = args.contrast_phase_prob
-    if not 0.0 <= args.hollow_organ_gas_prob <= 1.0:
-        raise InputError(f"{args.hollow_organ_gas_prob} is not a probability in [0, 1]",
-                         path="--hollow-organ-gas-prob")
-    config.train.hollow_organ_gas_prob = args.hollow_organ_gas_prob
-    if not 0.0 <= args.vessel_contrast_prob <= 1.0:
-        raise InputError(f"{args.vessel_contrast_prob} is not a probability in [0, 1]", path="--vessel-contrast-prob")
-    config.train.vessel_contrast_prob = args.vessel_contrast_prob
-    if not 0.0 <= args.thin_scan_prob <= 1.0:
-        raise InputError(f"{args.thin_scan_prob} is not a probability in [0, 1]", path="--thin-scan-prob")
-    config.train.thin_scan_prob = args.thin_scan_prob
+    # The organ-wise augmentations' probabilities: the TrainConfig field of each is its flag's name.
+    for name in ("contrast_phase_prob", "hollow_organ_gas_prob", "vessel_contrast_prob", "thin_scan_prob"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"{value} is not a probability in [0, 1]", path="--" + name.replace("_", "-"))
+        setattr(config.train, name, value)
     config.train.dice = args.dice
     config.postprocess.choose_on = args.postprocess_on
 

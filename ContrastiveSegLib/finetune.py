@@ -106,8 +106,9 @@ def prepare_intensity_statistics(config: RunConfig, train_cases: Sequence[Case],
 def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
     """``SupervisedPatches`` arguments for the run's augmentation.
 
-    An InputError if a left/right pair would break under the mirror axes, or if contrast-phase
-    augmentation is asked of a normalisation that is not in HU.
+    An InputError if a left/right pair would break under the mirror axes, if an augmentation that works
+    in HU (contrast phase, contrast in vessels) or on CT's air (gas) is asked of a normalisation that is
+    not, or if thin scans are asked of a run that fills a scan's ends with air.
     """
     from .data.preprocess import continued_axes, normalised_range, units_per_hu
     from .data.views import HOLLOW_ORGANS, VESSELS, anterior_axis, check_mirror_axes, lateral_swap, left_right_axis
@@ -118,14 +119,19 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
     except ValueError as error:
         raise InputError(str(error), path="--mirror-axes", fix="leave out the left-right axis (0)") from None
     lateral = left_right_axis(config.preprocess.orientation)
-    contrast_phase = None
-    if config.train.contrast_phase_prob > 0:
+
+    def hu_scale(what: str, flag: str) -> float:
+        """Normalised units per HU, or an InputError for an augmentation ``what`` that works in HU."""
         scale = units_per_hu(config.preprocess)
         if scale is None:
-            raise InputError(f"contrast-phase augmentation shifts organs in HU, and intensity "
-                             f"{config.preprocess.intensity!r} is not in HU", path="--contrast-phase-prob",
+            raise InputError(f"{what} in HU, and intensity {config.preprocess.intensity!r} is not in HU", path=flag,
                              fix="use it with --intensity ct_window or ct_zscore, or leave it at 0")
-        contrast_phase = {"prob": float(config.train.contrast_phase_prob), "units_per_hu": scale,
+        return scale
+
+    contrast_phase = None
+    if config.train.contrast_phase_prob > 0:
+        contrast_phase = {"prob": float(config.train.contrast_phase_prob),
+                          "units_per_hu": hu_scale("contrast-phase augmentation shifts organs", "--contrast-phase-prob"),
                           "value_range": normalised_range(config.preprocess)}
     gas = None
     if config.train.hollow_organ_gas_prob > 0:
@@ -139,14 +145,10 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
                "air": normalised_range(config.preprocess)[0], "anterior_axis": axis, "anterior_sign": sign}
     vessels = None
     if config.train.vessel_contrast_prob > 0:
-        scale = units_per_hu(config.preprocess)
-        if scale is None:
-            raise InputError(f"contrast in vessels brightens their blood in HU, and intensity "
-                             f"{config.preprocess.intensity!r} is not in HU", path="--vessel-contrast-prob",
-                             fix="use it with --intensity ct_window or ct_zscore, or leave it at 0")
         vessels = {"prob": float(config.train.vessel_contrast_prob),
                    "classes": [number for number, name in enumerate(targets, start=1) if name in VESSELS],
-                   "units_per_hu": scale, "value_range": normalised_range(config.preprocess)}
+                   "units_per_hu": hu_scale("contrast in vessels brightens their blood", "--vessel-contrast-prob"),
+                   "value_range": normalised_range(config.preprocess)}
     thin_scan = None
     if config.train.thin_scan_prob > 0:
         ends = continued_axes(config.preprocess)

@@ -385,6 +385,23 @@ def contrast_phase_shift(image: np.ndarray, label: np.ndarray, rng: np.random.Ge
     return np.clip(out, value_range[0], value_range[1], out=out)
 
 
+def _drawn_interiors(label: np.ndarray, classes: Sequence[int], rng: np.random.Generator, prob: float, draw):
+    """``(parameter, inside)`` for each of ``classes`` drawn with probability ``prob``: ``draw(rng)``, then the
+    class's label eroded by one voxel (its rim stands for the organ's wall), skipped when nothing is left.
+
+    Per class, one draw decides, and a drawn class then takes ``draw(rng)`` before its erosion: the order
+    in which the runs made with these augmentations sampled, kept so that they resume exactly."""
+    from scipy.ndimage import binary_erosion
+
+    for value in classes:
+        if rng.random() >= prob:
+            continue
+        parameter = draw(rng)
+        inside = binary_erosion(label[0] == value)
+        if inside.any():
+            yield parameter, inside
+
+
 # Blood vessels (canonical names, data/labels.py): intravenous contrast brightens the blood inside them.
 VESSELS = ("aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "superior_vena_cava",
            "pulmonary_artery", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left", "iliac_vena_right")
@@ -413,16 +430,9 @@ def vessel_lumen_contrast(image: np.ndarray, label: np.ndarray, rng: np.random.G
     """
     if prob <= 0:
         return image
-    from scipy.ndimage import binary_erosion
-
     out = None
-    for value in classes:
-        if rng.random() >= prob:
-            continue
-        offset = rng.uniform(*shift_hu) * units_per_hu
-        lumen = binary_erosion(label[0] == value)
-        if not lumen.any():
-            continue
+    for shift, lumen in _drawn_interiors(label, classes, rng, prob, lambda r: r.uniform(*shift_hu)):
+        offset = shift * units_per_hu
         out = np.array(image, dtype=np.float32, copy=True) if out is None else out
         out[0][lumen] = np.clip(out[0][lumen] + np.float32(offset), value_range[0], value_range[1])
     return image if out is None else out
@@ -457,17 +467,8 @@ def hollow_organ_gas(image: np.ndarray, label: np.ndarray, rng: np.random.Genera
     """
     if prob <= 0:
         return image
-    from scipy.ndimage import binary_erosion
-
     out = None
-    for value in classes:
-        if rng.random() >= prob:
-            continue
-        fraction = rng.uniform(*share)
-        organ = label[0] == value
-        inside = binary_erosion(organ)
-        if not inside.any():
-            continue
+    for fraction, inside in _drawn_interiors(label, classes, rng, prob, lambda r: r.uniform(*share)):
         front = np.nonzero(inside)[anterior_axis] * int(anterior_sign)
         level = np.quantile(front, 1.0 - fraction)
         gas = np.zeros_like(inside)
