@@ -21,14 +21,14 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
 * ``gas``: ``old`` with gas in hollow organs (``--hollow-organ-gas-prob 0.5``; ``phase_gas``: and ``phase``;
   ``gas_spatial``: and the spatial augmentation; ``gas_batchdice``: and nnU-Net's batch Dice, ``--dice batch``;
   ``gas_wide``: with a 128 x 128 x 16 patch, the trunk's whole width);
-* ``gas_spatial_thin``: ``gas_spatial`` with thin scans simulated (``--thin-scan-prob 0.5``; it needs the ends
-  continued, so its ``plain`` and ``+pp`` rows already continue them); ``gas_spatial_vessel``: with contrast in vessels (``--vessel-contrast-prob 0.5``);
-  ``gas_spatial_thin_vessel``: with both.
+* ``gas_spatial_thin``: ``gas_spatial`` with thin scans simulated (``--thin-scan-prob 0.5``; it needs the
+  ends continued, so its ``plain`` and ``+pp`` rows already continue them); ``gas_spatial_vessel``: with
+  contrast in vessels (``--vessel-contrast-prob 0.5``), the demo's recipe.
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
-Every variant but those with thin scans predicts with the scan's ends as air (``--beyond-scan-ends air``, what every run did before
-the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
+Every variant but ``gas_spatial_thin`` predicts with the scan's ends as air (``--beyond-scan-ends air``,
+what every run did before the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
 continued, today's default.  ``--rescore OUT ...`` scores runs trained by an earlier invocation again;
 with ``--ensemble K``, also ensembles of K of an arm's networks (``predict --model RUN RUN ...``); with
 ``--background-weights W,...``, also the rows ``+pp+continue bg W``: the background's probability multiplied
@@ -97,9 +97,6 @@ VARIANTS = {
                          "hollow_organ_gas_prob": 0.5, "thin_scan_prob": 0.5, "beyond_scan_ends": "continue"},
     "gas_spatial_vessel": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
                            "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5},
-    "gas_spatial_thin_vessel": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "thin_scan_prob": 0.5,
-                                "vessel_contrast_prob": 0.5, "beyond_scan_ends": "continue"},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
@@ -179,8 +176,12 @@ def score_rows(model, variant: str, out: str, background_weights=()) -> dict:
             model.config.train.mirror_axes = mirror_axes
         if ends is not None:
             preprocess.beyond_scan_ends = ends
+        # A weighted row writes its prediction into a folder of its own: the run's heldout_prediction stays
+        # that of a row scored as trained.
+        folder = out if background_weight == 1.0 else os.path.join(out, f"background-weight-{background_weight:g}")
+        os.makedirs(folder, exist_ok=True)
         begin = time.perf_counter()
-        metrics = score_heldout(model, out, flip_tta=tta, background_weight=background_weight)[0]
+        metrics = score_heldout(model, folder, flip_tta=tta, background_weight=background_weight)[0]
         model.config.train.mirror_axes, preprocess.beyond_scan_ends = saved_axes, saved_ends
         rows[row] = {"dice": metrics["dice"], "mean_dice": metrics["mean_dice"],
                      "predict_seconds": round(time.perf_counter() - begin, 2)}

@@ -111,9 +111,9 @@ class SupervisedPatches(Dataset):
     "units_per_hu", "value_range"}`` for :func:`~.views.contrast_phase_shift` (None: off), applied first;
     ``gas``: ``{"prob", "classes", "air", "anterior_axis", "anterior_sign"}`` for
     :func:`~.views.hollow_organ_gas` (None: off), applied after it; ``vessels``: ``{"prob", "classes",
-    "units_per_hu", "value_range"}`` for :func:`~.views.vessel_lumen_contrast` (None: off), between the two.
-    ``thin_scan``: ``{"prob", "axis"}`` for
-    :func:`~.views.thin_scan_slab` (None: off), applied last, to image and label.
+    "units_per_hu", "value_range"}`` for :func:`~.views.vessel_lumen_contrast` (None: off), between the two;
+    ``thin_scan``: ``{"prob", "axis"}`` for :func:`~.views.thin_scan_slab` (None: off), applied last, to image
+    and label.
     """
 
     def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,

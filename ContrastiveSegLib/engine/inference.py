@@ -330,6 +330,8 @@ def predict_image(model: Union[LoadedModel, Sequence[LoadedModel]], image_path: 
     """
     from ..data.io import read_image
 
+    if not background_weight > 0:   # before the network runs, not after
+        raise ValueError(f"background_weight must be positive, got {background_weight}")
     models = [model] if isinstance(model, LoadedModel) else list(model)
     image = read_image(image_path, as_float32=False) if image is None else image
     on_grid = resample_to_network_grid(image, models[0].config.preprocess)
@@ -337,8 +339,6 @@ def predict_image(model: Union[LoadedModel, Sequence[LoadedModel]], image_path: 
     for member in models:
         p, affine = network_probabilities(member, on_grid, overlap, flip_tta)
         probabilities = p if probabilities is None else probabilities + p
-    if not background_weight > 0:
-        raise ValueError(f"background_weight must be positive, got {background_weight}")
     probabilities = (probabilities / len(models)).cpu().numpy()
     if background_weight != 1.0:
         probabilities[0] *= np.float32(background_weight)
