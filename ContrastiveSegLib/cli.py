@@ -95,9 +95,18 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="thin scans: each patch, with probability P, keeps a slab of its middle slices and "
                              "repeats the slab's ends, as predict continues a scan thinner than the patch "
                              "(needs --beyond-scan-ends continue; default: 0, off)")
-    parser.add_argument("--dice", choices=["sample", "batch"], default="sample",
-                        help="the loss's Dice term: per patch with background (sample) or nnU-Net's, summed over "
-                             "the batch, foreground only (batch) (default: sample)")
+    parser.add_argument("--tissue-enhancement-prob", type=float, default=0.0, metavar="P",
+                        help="enhancing tissue: each patch, with probability P, has its liver, spleen, kidneys, ... "
+                             "and the walls of its stomach and bowel brightened together by 0-100 HU, for scans "
+                             "with intravenous contrast when the training scans have none (CT only; default: 0, off)")
+    parser.add_argument("--gin-prob", type=float, default=0.0, metavar="P",
+                        help="random intensity networks (GIN): each patch, with probability P, is mapped through a "
+                             "shallow convolutional network of random weights to new intensities and textures, "
+                             "its edges kept, for scans from other scanners or contrast phases (default: 0, off)")
+    parser.add_argument("--dice", choices=["sample", "batch", "tversky"], default="sample",
+                        help="the loss's Dice term: per patch with background (sample), nnU-Net's, summed over "
+                             "the batch, foreground only (batch), or batch with Tversky's index, false negatives "
+                             "weighted 0.7 and false positives 0.3 (tversky) (default: sample)")
     parser.add_argument("--postprocess-on", choices=["validation", "training", "off"], default="validation",
                         help="cases that decide, per organ, whether keeping only its largest connected component "
                              "helps; predict applies the decision (default: validation)")
@@ -394,8 +403,9 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
         raise InputError(f"{args.mirror_axes!r} is not a list of axes 0, 1, 2", path="--mirror-axes",
                          fix="write e.g. --mirror-axes 1,2")
     config.train.mirror_axes = axes
-    # The organ-wise augmentations' probabilities: the TrainConfig field of each is its flag's name.
-    for name in ("contrast_phase_prob", "hollow_organ_gas_prob", "vessel_contrast_prob", "thin_scan_prob"):
+    # The augmentations' probabilities: the TrainConfig field of each is its flag's name.
+    for name in ("contrast_phase_prob", "hollow_organ_gas_prob", "vessel_contrast_prob", "thin_scan_prob", "gin_prob",
+                 "tissue_enhancement_prob"):
         value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
             raise InputError(f"{value} is not a probability in [0, 1]", path="--" + name.replace("_", "-"))

@@ -114,6 +114,15 @@ class TrainConfig:
     # shows a scan thinner than the patch (beyond_scan_ends "continue"), so that such a window is not new
     # to the network (0: off).
     thin_scan_prob: float = 0.0
+    # Enhancing tissue (data/views.py, tissue_enhancement): a training patch, with this probability, has its
+    # enhancing solid organs among the targets (liver, spleen, ...) and the walls of its hollow ones
+    # brightened by one offset of 0-100 HU, as intravenous contrast does, so that a network trained on
+    # scans without contrast also knows enhanced organs (0: off).
+    tissue_enhancement_prob: float = 0.0
+    # Random intensity networks (data/views.py, random_intensity_network, GIN): a training patch, with this
+    # probability, is mapped through a shallow network of random weights to new intensities and textures
+    # with its edges kept, so that the network learns shapes rather than one scan's contrast (0: off).
+    gin_prob: float = 0.0
     # The Dice term of the supervised loss (methods/supervised.py): "sample", per patch with background
     # (every run before this option), or "batch", nnU-Net's, summed over the batch, foreground only.
     dice: str = "sample"

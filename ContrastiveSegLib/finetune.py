@@ -111,7 +111,15 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
     not, or if thin scans are asked of a run that fills a scan's ends with air.
     """
     from .data.preprocess import continued_axes, normalised_range, units_per_hu
-    from .data.views import HOLLOW_ORGANS, VESSELS, anterior_axis, check_mirror_axes, lateral_swap, left_right_axis
+    from .data.views import (
+        ENHANCING_ORGANS,
+        HOLLOW_ORGANS,
+        VESSELS,
+        anterior_axis,
+        check_mirror_axes,
+        lateral_swap,
+        left_right_axis,
+    )
 
     axes = tuple(config.train.mirror_axes)
     try:
@@ -149,6 +157,13 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
                    "classes": [number for number, name in enumerate(targets, start=1) if name in VESSELS],
                    "units_per_hu": hu_scale("contrast in vessels brightens their blood", "--vessel-contrast-prob"),
                    "value_range": normalised_range(config.preprocess)}
+    enhancement = None
+    if config.train.tissue_enhancement_prob > 0:
+        enhancement = {"prob": float(config.train.tissue_enhancement_prob),
+                       "solid": [number for number, name in enumerate(targets, start=1) if name in ENHANCING_ORGANS],
+                       "hollow": [number for number, name in enumerate(targets, start=1) if name in HOLLOW_ORGANS],
+                       "units_per_hu": hu_scale("enhancing tissue is brightened", "--tissue-enhancement-prob"),
+                       "value_range": normalised_range(config.preprocess)}
     thin_scan = None
     if config.train.thin_scan_prob > 0:
         ends = continued_axes(config.preprocess)
@@ -159,7 +174,8 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
         thin_scan = {"prob": float(config.train.thin_scan_prob), "axis": ends[0]}
     return {"augmentation": config.train.augmentation, "mirror_axes": axes,
             "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral,
-            "contrast_phase": contrast_phase, "gas": gas, "thin_scan": thin_scan, "vessels": vessels}
+            "contrast_phase": contrast_phase, "gas": gas, "thin_scan": thin_scan, "vessels": vessels,
+            "gin_prob": float(config.train.gin_prob), "enhancement": enhancement}
 
 
 def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,

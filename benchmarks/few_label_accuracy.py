@@ -23,7 +23,10 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
   ``gas_wide``: with a 128 x 128 x 16 patch, the trunk's whole width);
 * ``gas_spatial_thin``: ``gas_spatial`` with thin scans simulated (``--thin-scan-prob 0.5``; it needs the
   ends continued, so its ``plain`` and ``+pp`` rows already continue them); ``gas_spatial_vessel``: with
-  contrast in vessels (``--vessel-contrast-prob 0.5``), the demo's recipe.
+  contrast in vessels (``--vessel-contrast-prob 0.5``), the demo's recipe; ``gas_spatial_vessel_gin``: that
+  and random intensity networks (``--gin-prob 0.5``); ``gas_spatial_vessel_enhance``: that and enhancing
+  tissue (``--tissue-enhancement-prob 0.5``); ``gas_spatial_vessel_tversky``: the demo's recipe with
+  Tversky's index for the Dice term (``--dice tversky``).
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
@@ -97,6 +100,14 @@ VARIANTS = {
                          "hollow_organ_gas_prob": 0.5, "thin_scan_prob": 0.5, "beyond_scan_ends": "continue"},
     "gas_spatial_vessel": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
                            "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5},
+    "gas_spatial_vessel_gin": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
+                               "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5, "gin_prob": 0.5},
+    "gas_spatial_vessel_enhance": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
+                                   "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
+                                   "tissue_enhancement_prob": 0.5},
+    "gas_spatial_vessel_tversky": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
+                                   "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
+                                   "dice": "tversky"},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
@@ -121,6 +132,8 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
     config.train.dice = settings.get("dice", "sample")
     config.train.thin_scan_prob = settings.get("thin_scan_prob", 0.0)
     config.train.vessel_contrast_prob = settings.get("vessel_contrast_prob", 0.0)
+    config.train.gin_prob = settings.get("gin_prob", 0.0)
+    config.train.tissue_enhancement_prob = settings.get("tissue_enhancement_prob", 0.0)
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
     config.train.seed = seed

@@ -21,8 +21,10 @@ from .views import (
     contrast_phase_shift,
     hollow_organ_gas,
     intensity_augment,
+    random_intensity_network,
     supervised_augment,
     thin_scan_slab,
+    tissue_enhancement,
     vessel_lumen_contrast,
 )
 
@@ -113,14 +115,17 @@ class SupervisedPatches(Dataset):
     :func:`~.views.hollow_organ_gas` (None: off), applied after it; ``vessels``: ``{"prob", "classes",
     "units_per_hu", "value_range"}`` for :func:`~.views.vessel_lumen_contrast` (None: off), between the two;
     ``thin_scan``: ``{"prob", "axis"}`` for :func:`~.views.thin_scan_slab` (None: off), applied last, to image
-    and label.
+    and label.  ``enhancement``: ``{"prob", "solid", "hollow", "units_per_hu", "value_range"}`` for
+    :func:`~.views.tissue_enhancement` (None: off), after the vessels and before the gas.  ``gin_prob``: the probability of :func:`~.views.random_intensity_network` (GIN), after the
+    intensity augmentations and before the thin-scan slab.
     """
 
     def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,
                  augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
                  swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
                  contrast_phase: Optional[dict] = None, gas: Optional[dict] = None,
-                 thin_scan: Optional[dict] = None, vessels: Optional[dict] = None):
+                 thin_scan: Optional[dict] = None, vessels: Optional[dict] = None, gin_prob: float = 0.0,
+                 enhancement: Optional[dict] = None):
         if augmentation not in ("intensity", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
         self.sampler = sampler
@@ -135,6 +140,8 @@ class SupervisedPatches(Dataset):
         self.gas = gas if gas and gas.get("prob", 0) > 0 and gas.get("classes") else None
         self.vessels = vessels if vessels and vessels.get("prob", 0) > 0 and vessels.get("classes") else None
         self.thin_scan = thin_scan if thin_scan and thin_scan.get("prob", 0) > 0 else None
+        self.gin_prob = float(gin_prob)
+        self.enhancement = enhancement if enhancement and enhancement.get("prob", 0) > 0 else None
 
     def __len__(self) -> int:
         return self.length
@@ -152,6 +159,9 @@ class SupervisedPatches(Dataset):
             image, label, _ = self.sampler.sample(rng)
             if self.augment:
                 image = intensity_augment(self._organ_intensities(image, label, rng), rng)
+        # Drawn only when on, so that runs without it sample as before.
+        if self.augment and self.gin_prob > 0 and rng.random() < self.gin_prob:
+            image = random_intensity_network(image, rng)
         if self.augment and self.thin_scan is not None:
             image, label = thin_scan_slab(image, label, rng, **self.thin_scan)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
@@ -166,6 +176,8 @@ class SupervisedPatches(Dataset):
             image = contrast_phase_shift(image, label, rng, **self.contrast_phase)
         if self.vessels is not None:
             image = vessel_lumen_contrast(image, label, rng, **self.vessels)
+        if self.enhancement is not None:
+            image = tissue_enhancement(image, label, rng, **self.enhancement)
         if self.gas is not None:
             image = hollow_organ_gas(image, label, rng, **self.gas)
         return image

@@ -438,6 +438,51 @@ def vessel_lumen_contrast(image: np.ndarray, label: np.ndarray, rng: np.random.G
     return image if out is None else out
 
 
+# Solid organs whose tissue intravenous contrast brightens (canonical names, data/labels.py); vessels
+# (VESSELS) and hollow organs' walls (HOLLOW_ORGANS) have their own rules.
+ENHANCING_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "pancreas", "adrenal_gland_left",
+                    "adrenal_gland_right", "thyroid_gland")
+# How much intravenous contrast brightens enhancing tissue, in HU: none (a scan without contrast) to
+# about a portal-venous phase's liver and spleen (each some 40-60 HU above its unenhanced value).
+ENHANCEMENT_HU = (0.0, 100.0)
+
+
+def tissue_enhancement(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float,
+                       solid: Sequence[int], hollow: Sequence[int], units_per_hu: float,
+                       value_range: Tuple[float, float], shift_hu: Tuple[float, float] = ENHANCEMENT_HU) -> np.ndarray:
+    """With probability ``prob``, the patch's enhancing tissue brightened by one offset, as contrast does.
+
+    Intravenous contrast brightens the perfused organs together: the liver and the spleen by some 40-60 HU
+    each in a portal-venous phase, the stomach's and bowel's wall (not what they hold), while fat and
+    muscle stay nearly as they were.  One offset drawn from ``shift_hu`` is added to every voxel of the
+    ``solid`` organs' labels and to the wall (the one-voxel rim of the label) of the ``hollow`` ones, and
+    clipped to the normalisation's range: the organs keep their differences from one another and change
+    against their surroundings.  Unlike :func:`contrast_phase_shift`, whose organs move each by its own
+    offset, this keeps what one phase has in common.  The label does not change.
+
+    Args:
+        image: ``[1, *patch]`` float32, normalised (``units_per_hu`` normalised units per HU).
+        label: ``[1, *patch]`` classes of the patch.
+        solid, hollow: label values of the enhancing solid organs and of the hollow organs among the targets.
+
+    Draws from ``rng`` only when ``prob > 0``, so a run without it samples as before.
+    """
+    from scipy.ndimage import binary_erosion
+
+    if prob <= 0 or rng.random() >= prob:
+        return image
+    offset = np.float32(rng.uniform(*shift_hu) * units_per_hu)
+    tissue = np.isin(label[0], list(solid))
+    for value in hollow:
+        organ = label[0] == value
+        tissue |= organ & ~binary_erosion(organ)
+    if not tissue.any():
+        return image
+    out = np.array(image, dtype=np.float32, copy=True)
+    out[0][tissue] = np.clip(out[0][tissue] + offset, value_range[0], value_range[1])
+    return out
+
+
 # Organs that hold gas in some patients and not in others (canonical names, data/labels.py).
 HOLLOW_ORGANS = ("stomach", "duodenum", "small_bowel", "colon", "esophagus")
 # Share of a hollow organ's voxels (the most anterior ones) that hollow_organ_gas turns into gas.
@@ -662,6 +707,51 @@ def supervised_intensity_augment(image: np.ndarray, rng: np.random.Generator) ->
         transform.set_random_state(seed=_seed(rng))
         out = transform(out)
     return np.asarray(out, dtype=np.float32)
+
+
+# Random intensity networks (GIN: Ouyang et al., "Causality-inspired single-source domain generalization
+# for medical image segmentation", IEEE TMI 2022).  One labelled scan shows each organ with one texture
+# and one contrast against its neighbours; a scan from another scanner or contrast phase changes both.
+# A shallow convolutional network with freshly drawn random weights maps the patch to new, non-linear
+# intensities and textures while every edge stays where it was, so the shapes and their arrangement
+# are what stays constant for the network to learn.  The paper's settings: four layers, two channels
+# between them, kernels of 1 or 3 voxels, weights and biases from N(0, 1), leaky ReLU between the
+# layers, the result blended with the input by a uniform alpha and scaled back to the input's norm.
+GIN_LAYERS = 4
+GIN_CHANNELS = 2
+GIN_KERNELS = (1, 3)
+
+
+def random_intensity_network(image: np.ndarray, rng: np.random.Generator, layers: int = GIN_LAYERS,
+                             channels: int = GIN_CHANNELS, kernels: Sequence[int] = GIN_KERNELS) -> np.ndarray:
+    """``image`` ``[1, X, Y, Z]`` through a shallow network of random weights drawn from ``rng`` (GIN, see above).
+
+    The output ``alpha * net(image) + (1 - alpha) * image``, alpha uniform in [0, 1], is scaled to the
+    Frobenius norm of ``image``.  The patch's edges are replicated for the convolutions, so that no
+    border of zeros becomes an edge inside the patch.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]   # [1, 1, X, Y, Z]
+    in_channels = image.shape[0]
+    for layer in range(layers):
+        out_channels = image.shape[0] if layer == layers - 1 else channels
+        size = int(kernels[int(rng.integers(len(kernels)))])
+        weight = torch.from_numpy(rng.standard_normal((out_channels, in_channels, size, size, size)).astype(np.float32))
+        bias = torch.from_numpy(rng.standard_normal(out_channels).astype(np.float32))
+        if size > 1:
+            x = F.pad(x, (size // 2,) * 6, mode="replicate")
+        x = F.conv3d(x, weight, bias)
+        if layer < layers - 1:
+            x = F.leaky_relu(x)
+        in_channels = out_channels
+    alpha = np.float32(rng.uniform(0.0, 1.0))
+    out = alpha * x[0].numpy() + (np.float32(1.0) - alpha) * image.astype(np.float32)
+    norm, target = float(np.linalg.norm(out)), float(np.linalg.norm(image))
+    if norm > 0:
+        out *= np.float32(target / norm)
+    return out.astype(np.float32)
 
 
 def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[float], patch_size: Sequence[int],

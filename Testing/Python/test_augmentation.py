@@ -11,8 +11,10 @@ from ContrastiveSegLib.data.views import (
     check_mirror_axes,
     draw_supervised_transform,
     lateral_swap,
+    random_intensity_network,
     resample_region,
     supervised_augment,
+    tissue_enhancement,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -411,3 +413,115 @@ def test_vessel_contrast_reaches_only_vessel_targets_and_needs_hu():
     config.preprocess.intensity = "percentile"   # MR: no HU to brighten by
     with pytest.raises(InputError, match="HU"):
         augmentation_options(config, ["aorta"])
+
+
+def test_random_intensity_network_by_hand_with_one_voxelwise_layer():
+    """One 1 x 1 x 1 layer is ``w x + b`` per voxel: blended with alpha, scaled to the input's norm."""
+    image = np.array([1.0, 2.0, -3.0], dtype=np.float32).reshape(1, 3, 1, 1)
+    out = random_intensity_network(image, np.random.default_rng(11), layers=1, kernels=(1,))
+    rng = np.random.default_rng(11)
+    assert rng.integers(1) == 0                      # the kernel size, from the one choice
+    weight, bias, alpha = rng.standard_normal(), rng.standard_normal(), rng.uniform(0.0, 1.0)
+    mixed = alpha * (weight * image + bias) + (1 - alpha) * image
+    expected = mixed * np.linalg.norm(image) / np.linalg.norm(mixed)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    assert out.dtype == np.float32 and out.shape == image.shape
+
+
+def test_random_intensity_network_keeps_edges_where_they_were_and_is_reproducible():
+    """Four layers of kernels up to 3 reach 4 voxels: deeper inside a region, the output is one value."""
+    image, label = _cube_case(shape=(24, 24, 24), low=(6, 6, 6), high=(18, 18, 18))
+    for seed in range(5):
+        out = random_intensity_network(image, np.random.default_rng(seed))
+        again = random_intensity_network(image, np.random.default_rng(seed))
+        np.testing.assert_array_equal(out, again)
+        np.testing.assert_allclose(np.linalg.norm(out), np.linalg.norm(image), rtol=1e-4)
+        inside = out[0, 10:14, 10:14, 10:14]
+        np.testing.assert_allclose(inside, inside.flat[0], rtol=1e-5, atol=1e-6)
+        # The patch's own border is replicated, not padded with zeros: no edge appears there.
+        outside = np.concatenate([out[0, :2].ravel(), out[0, -2:].ravel(), out[0, :, :2].ravel()])
+        np.testing.assert_allclose(outside, outside[0], rtol=1e-5, atol=1e-6)
+    different = [random_intensity_network(image, np.random.default_rng(seed))[0, 12, 12, 12] for seed in range(5)]
+    assert len(set(np.round(different, 5).tolist())) == 5
+
+
+def test_gin_option_changes_images_not_labels_and_is_off_by_default():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.finetune import augmentation_options
+
+    config = RunConfig()
+    assert augmentation_options(config, ["liver"])["gin_prob"] == 0.0
+    image, label = _cube_case()
+    case = PreparedCase("cube", image * 0.5, label, np.eye(4))
+    plain = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **augmentation_options(config, ["liver"]))
+    unset = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4)
+    config.train.gin_prob = 1.0
+    gin = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 4, **augmentation_options(config, ["liver"]))
+    for index in range(4):
+        np.testing.assert_array_equal(plain[index]["image"].numpy(), unset[index]["image"].numpy())
+        np.testing.assert_array_equal(plain[index]["label"].numpy(), gin[index]["label"].numpy())
+        assert not np.array_equal(plain[index]["image"].numpy(), gin[index]["image"].numpy())
+        np.testing.assert_array_equal(gin[index]["image"].numpy(), gin[index]["image"].numpy())
+
+
+def test_gin_cli_option_is_a_probability():
+    from ContrastiveSegLib.cli import _training_config, build_parser
+    from ContrastiveSegLib.errors import InputError
+
+    parser = build_parser()
+    base = ["finetune", "--data", "x", "--labels", "liver", "--out", "y"]
+    assert _training_config(parser.parse_args(base + ["--gin-prob", "0.5"]), "finetune").train.gin_prob == 0.5
+    with pytest.raises(InputError, match="probability") as raised:
+        _training_config(parser.parse_args(base + ["--gin-prob", "1.5"]), "finetune")
+    assert raised.value.path == "--gin-prob"
+
+
+def test_tissue_enhancement_brightens_solid_organs_and_hollow_walls_by_one_offset():
+    image = np.full((1, 12, 12, 12), 0.5, dtype=np.float32)
+    label = np.zeros((1, 12, 12, 12), dtype=np.int64)
+    label[0, 1:5, 1:5, 1:5] = 1           # a solid organ
+    label[0, 6:11, 6:11, 6:11] = 2        # a hollow organ: its 3 x 3 x 3 inside is what it holds
+    label[0, 1:5, 7:11, 1:5] = 3          # neither
+    units = 1.0 / 400.0
+    out = tissue_enhancement(image, label, np.random.default_rng(2), 1.0, solid=[1], hollow=[2],
+                             units_per_hu=units, value_range=(0.0, 1.0))
+    rng = np.random.default_rng(2)
+    assert rng.random() < 1.0
+    offset = np.float32(rng.uniform(0.0, 100.0) * units)
+    expected = image.copy()
+    expected[label == 1] += offset
+    wall = label[0] == 2
+    wall[7:10, 7:10, 7:10] = False
+    expected[0][wall] += offset
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert offset > 0 and out[0, 8, 8, 8] == 0.5 and out[0, 2, 8, 2] == 0.5 and out[0, 0, 0, 0] == 0.5
+    # Clipped to the normalisation's range; nothing drawn when off.
+    bright = tissue_enhancement(image + 0.45, label, np.random.default_rng(2), 1.0, [1], [2], units, (0.0, 1.0))
+    assert bright.max() == 1.0
+    rng = np.random.default_rng(5)
+    assert tissue_enhancement(image, label, rng, 0.0, [1], [2], units, (0.0, 1.0)) is image
+    assert rng.random() == np.random.default_rng(5).random()
+
+
+def test_tissue_enhancement_option_reaches_the_enhancing_targets_and_needs_hu():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.errors import InputError
+    from ContrastiveSegLib.finetune import augmentation_options
+
+    config = RunConfig()
+    assert augmentation_options(config, ["liver"])["enhancement"] is None
+    config.train.tissue_enhancement_prob = 0.5
+    options = augmentation_options(config, ["liver", "aorta", "stomach", "spleen", "vertebrae_L1"])["enhancement"]
+    assert options["solid"] == [1, 4] and options["hollow"] == [3] and options["prob"] == 0.5
+    image, label = _cube_case()
+    case = PreparedCase("cube", image * 0.5, label, np.eye(4))
+    config.train.tissue_enhancement_prob = 1.0
+    lit = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 2, **augmentation_options(config, ["liver"]))
+    config.train.tissue_enhancement_prob = 0.0
+    plain = SupervisedPatches(PatchSampler([case], (24, 24, 24), 1.0), 0, 2, **augmentation_options(config, ["liver"]))
+    assert not np.array_equal(plain[0]["image"].numpy(), lit[0]["image"].numpy())
+    np.testing.assert_array_equal(plain[0]["label"].numpy(), lit[0]["label"].numpy())
+    config.train.tissue_enhancement_prob = 1.0
+    config.preprocess.intensity = "percentile"
+    with pytest.raises(InputError, match="HU"):
+        augmentation_options(config, ["liver"])

@@ -66,6 +66,34 @@ def test_an_absent_organ_costs_a_whole_dice_point_per_patch_only_in_sample_mode(
     assert dice_part(0.01, "batch") == pytest.approx(1 - 2 * 1.0 / (1.0 + 0.02 + 1.0), abs=1e-3)
 
 
+def test_tversky_mode_matches_hand_computed_values():
+    """Over the batch, organ only: TP = sum p g, FP = sum p (1 - g), FN = sum (1 - p) g; index
+    TP / (TP + 0.3 FP + 0.7 FN); plus the cross-entropy."""
+    cross_entropy = math.log(2.0)
+    even = torch.zeros(2, 2, 2, 1, 1)                       # p = 0.5 everywhere
+    # TP 0.5, FP 0.5 + 1.0 (three background voxels at 0.5), FN 0.5
+    index = 0.5 / (0.5 + 0.3 * 1.5 + 0.7 * 0.5)
+    assert _loss(even, LABEL, "tversky") == pytest.approx((1 - index) + cross_entropy, abs=1e-4)
+    # Missing the organ costs more than a false alarm of the same size: organ probability 0.2 on the
+    # organ's voxel (FN 0.8) against 0.8 on one background voxel (FP 0.8), the rest confident.
+    def logits(organ_at_organ: float, organ_at_background: float) -> torch.Tensor:
+        p = torch.tensor([[organ_at_organ, organ_at_background], [1e-6, 1e-6]]).view(2, 1, 2, 1, 1)
+        return torch.log(torch.cat([1 - p, p], dim=1))
+
+    def overlap_part(a: float, b: float, dice: str) -> float:
+        probabilities = torch.softmax(logits(a, b), dim=1)
+        ce = -torch.log(torch.gather(probabilities, 1, LABEL)).mean().item()
+        return _loss(logits(a, b), LABEL, dice) - ce
+
+    missed = overlap_part(0.2, 0.0, "tversky")
+    false_alarm = overlap_part(1.0, 0.8, "tversky")
+    assert missed == pytest.approx(1 - 0.2 / (0.2 + 0.7 * 0.8), abs=1e-3)
+    assert false_alarm == pytest.approx(1 - 1.0 / (1.0 + 0.3 * 0.8), abs=1e-3)
+    assert missed > false_alarm
+    # The batch Dice of the miss, for comparison: 2 TP / (2 TP + FP + FN).
+    assert overlap_part(0.2, 0.0, "batch") == pytest.approx(1 - 0.4 / (0.4 + 0.8), abs=1e-3)
+
+
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="dice"):
         SupervisedObjective(nn.Identity(), dice="voxel")
@@ -76,7 +104,7 @@ def test_the_cli_option_reaches_the_run_config_and_old_runs_read_as_sample():
     from ContrastiveSegLib.config import RunConfig
 
     parser = build_parser()
-    for given, expected in (([], "sample"), (["--dice", "batch"], "batch")):
+    for given, expected in (([], "sample"), (["--dice", "batch"], "batch"), (["--dice", "tversky"], "tversky")):
         args = parser.parse_args(["finetune", "--data", "x", "--labels", "liver", "--out", "y"] + given)
         assert _training_config(args, "finetune").train.dice == expected
     saved = RunConfig().to_dict()
