@@ -70,6 +70,29 @@ def _add_common_training_arguments(parser: argparse.ArgumentParser, default_step
                         help="also print every event as one JSON line on stdout (progress bar on stderr)")
 
 
+# The augmentations turned on by a probability: TrainConfig field (its flag, with dashes) -> help text.
+AUGMENTATION_PROBABILITIES = {
+    "contrast_phase_prob": "contrast-phase augmentation: each labelled organ of a patch, with probability P, moves "
+                           "by its own offset of -100..+200 HU, for scans of another contrast phase than the "
+                           "training scans (CT only)",
+    "hollow_organ_gas_prob": "gas in hollow organs: each stomach, bowel or oesophagus of a patch, with probability "
+                             "P, has its front part turned into gas under a flat level, for scans where it holds "
+                             "gas and the training scans' does not (CT only)",
+    "vessel_contrast_prob": "contrast in vessels: each aorta or other vessel of a patch, with probability P, has the "
+                            "blood inside its wall brightened by 50-300 HU, for scans with intravenous contrast "
+                            "when the training scans have none (CT only)",
+    "thin_scan_prob": "thin scans: each patch, with probability P, keeps a slab of its middle slices and repeats "
+                      "the slab's ends, as predict continues a scan thinner than the patch (needs "
+                      "--beyond-scan-ends continue)",
+    "tissue_enhancement_prob": "enhancing tissue: each patch, with probability P, has its liver, spleen, kidneys, "
+                               "... and the walls of its stomach and bowel brightened together by 0-100 HU, for "
+                               "scans with intravenous contrast when the training scans have none (CT only)",
+    "gin_prob": "random intensity networks (GIN): each patch, with probability P, is mapped through a shallow "
+                "convolutional network of random weights to new intensities and textures, its edges kept, for "
+                "scans from other scanners or contrast phases",
+}
+
+
 def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """Augmentation and post-processing of supervised training (docs/few-label-accuracy.md)."""
     parser.add_argument("--augmentation", choices=["intensity", "spatial"], default="intensity",
@@ -79,30 +102,9 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="axes of the RAS grid to mirror patches along in training, e.g. 1,2 (0 = left-right: "
                              "only if every left/right organ's partner is a target; pairs are swapped); "
                              "predict --tta flips exactly these (default: none)")
-    parser.add_argument("--contrast-phase-prob", type=float, default=0.0, metavar="P",
-                        help="contrast-phase augmentation: each labelled organ of a patch, with probability P, "
-                             "moves by its own offset of -100..+200 HU, for scans of another contrast phase "
-                             "than the training scans (CT only; default: 0, off)")
-    parser.add_argument("--hollow-organ-gas-prob", type=float, default=0.0, metavar="P",
-                        help="gas in hollow organs: each stomach, bowel or oesophagus of a patch, with probability "
-                             "P, has its front part turned into gas under a flat level, for scans where it holds "
-                             "gas and the training scans' does not (CT only; default: 0, off)")
-    parser.add_argument("--vessel-contrast-prob", type=float, default=0.0, metavar="P",
-                        help="contrast in vessels: each aorta or other vessel of a patch, with probability P, has "
-                             "the blood inside its wall brightened by 50-300 HU, for scans with intravenous "
-                             "contrast when the training scans have none (CT only; default: 0, off)")
-    parser.add_argument("--thin-scan-prob", type=float, default=0.0, metavar="P",
-                        help="thin scans: each patch, with probability P, keeps a slab of its middle slices and "
-                             "repeats the slab's ends, as predict continues a scan thinner than the patch "
-                             "(needs --beyond-scan-ends continue; default: 0, off)")
-    parser.add_argument("--tissue-enhancement-prob", type=float, default=0.0, metavar="P",
-                        help="enhancing tissue: each patch, with probability P, has its liver, spleen, kidneys, ... "
-                             "and the walls of its stomach and bowel brightened together by 0-100 HU, for scans "
-                             "with intravenous contrast when the training scans have none (CT only; default: 0, off)")
-    parser.add_argument("--gin-prob", type=float, default=0.0, metavar="P",
-                        help="random intensity networks (GIN): each patch, with probability P, is mapped through a "
-                             "shallow convolutional network of random weights to new intensities and textures, "
-                             "its edges kept, for scans from other scanners or contrast phases (default: 0, off)")
+    for field_name, text in AUGMENTATION_PROBABILITIES.items():
+        parser.add_argument("--" + field_name.replace("_", "-"), type=float, default=0.0, metavar="P",
+                            help=text + " (default: 0, off)")
     parser.add_argument("--dice", choices=["sample", "batch", "tversky"], default="sample",
                         help="the loss's Dice term: per patch with background (sample), nnU-Net's, summed over "
                              "the batch, foreground only (batch), or batch with Tversky's index, false negatives "
@@ -403,9 +405,7 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
         raise InputError(f"{args.mirror_axes!r} is not a list of axes 0, 1, 2", path="--mirror-axes",
                          fix="write e.g. --mirror-axes 1,2")
     config.train.mirror_axes = axes
-    # The augmentations' probabilities: the TrainConfig field of each is its flag's name.
-    for name in ("contrast_phase_prob", "hollow_organ_gas_prob", "vessel_contrast_prob", "thin_scan_prob", "gin_prob",
-                 "tissue_enhancement_prob"):
+    for name in AUGMENTATION_PROBABILITIES:
         value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
             raise InputError(f"{value} is not a probability in [0, 1]", path="--" + name.replace("_", "-"))

@@ -116,8 +116,9 @@ class SupervisedPatches(Dataset):
     "units_per_hu", "value_range"}`` for :func:`~.views.vessel_lumen_contrast` (None: off), between the two;
     ``thin_scan``: ``{"prob", "axis"}`` for :func:`~.views.thin_scan_slab` (None: off), applied last, to image
     and label.  ``enhancement``: ``{"prob", "solid", "hollow", "units_per_hu", "value_range"}`` for
-    :func:`~.views.tissue_enhancement` (None: off), after the vessels and before the gas.  ``gin_prob``: the probability of :func:`~.views.random_intensity_network` (GIN), after the
-    intensity augmentations and before the thin-scan slab.
+    :func:`~.views.tissue_enhancement` (None: off), after the vessels and before the gas.  ``gin_prob``:
+    the probability of :func:`~.views.random_intensity_network` (GIN), after the intensity augmentations
+    and before the thin-scan slab.
     """
 
     def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,

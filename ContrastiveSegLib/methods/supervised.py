@@ -40,21 +40,19 @@ class SupervisedObjective(nn.Module):
         if dice not in DICE_MODES:
             raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
         self.backbone = backbone
+        self.dice = dice
         if dice == "tversky":
             from monai.losses import TverskyLoss
 
-            self.overlap = TverskyLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                                       alpha=TVERSKY_ALPHA, beta=TVERSKY_BETA, smooth_nr=1e-5, smooth_dr=1e-5)
-            self.loss = None
+            self.loss = TverskyLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                                    alpha=TVERSKY_ALPHA, beta=TVERSKY_BETA, smooth_nr=1e-5, smooth_dr=1e-5)
         else:
             self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=(dice == "sample"),
                                    batch=(dice == "batch"), squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         logits = self.backbone(batch["image"]).float()
-        if self.loss is None:
-            label = batch["label"]
-            loss = self.overlap(logits, label) + nn.functional.cross_entropy(logits, label[:, 0].long())
-        else:
-            loss = self.loss(logits, batch["label"])
+        loss = self.loss(logits, batch["label"])
+        if self.dice == "tversky":   # MONAI's TverskyLoss has no cross-entropy term; DiceCELoss adds it for the others
+            loss = loss + nn.functional.cross_entropy(logits, batch["label"][:, 0].long())
         return loss, {}
