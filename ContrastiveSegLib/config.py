@@ -126,6 +126,10 @@ class TrainConfig:
     # The Dice term of the supervised loss (methods/supervised.py): "sample", per patch with background
     # (every run before this option), or "batch", nnU-Net's, summed over the batch, foreground only.
     dice: str = "sample"
+    # Weight averaging (engine/trainer.py): from step ceil(average_weights_from x max_steps) on, the network
+    # saved, validated and predicted with is the running mean of the weights after every step, not the last
+    # step's (stochastic weight averaging; the optimiser keeps training the last weights).  0: off.
+    average_weights_from: float = 0.0
     # Fine-tuning that keeps a pre-trained encoder: its parameters train at encoder_lr_scale x lr
     # (None: 0.1 when the encoder was loaded with --init, else 1.0), and not at all for the first
     # freeze_encoder_steps steps.

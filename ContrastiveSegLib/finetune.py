@@ -296,7 +296,7 @@ def _finetune(config: RunConfig, run: RunFolder, context: DistributedContext, re
                       labels=labels, validate=validate, encoder_initialised=bool(config.init_checkpoint))
     summary = trainer.fit(resume=resume)
     if context.is_main and not summary["stopped"]:
-        choose_run_postprocessing(config, run, backbone, validate, prepared_val, prepared_train, targets)
+        choose_run_postprocessing(config, run, trainer.network(), validate, prepared_val, prepared_train, targets)
     summary["run_dir"] = run.root
     return summary
 

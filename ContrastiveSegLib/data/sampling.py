@@ -102,8 +102,12 @@ class PatchSampler:
         return image, label, case_index
 
 
-class SupervisedPatches(Dataset):
-    """Map-style dataset: item ``i`` is sample ``i`` of the run (see the module docstring).
+class PatchAugmenter:
+    """Draws one augmented training patch (image, label) from a :class:`PatchSampler`.
+
+    The one augmentation pipeline of supervised training: fine-tuning's :class:`SupervisedPatches` and
+    self-training's pairs (``methods.selftrain.JointPairs``, labelled and pseudo-labelled patches alike)
+    draw their patches with it.
 
     ``augmentation`` (data/views.py): ``"intensity"`` crops the patch and varies its intensities only;
     ``"spatial"`` draws rotation, zoom, elastic deformation and mirrors along ``mirror_axes`` around the
@@ -121,18 +125,13 @@ class SupervisedPatches(Dataset):
     and before the thin-scan slab.
     """
 
-    def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True,
-                 augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
+    def __init__(self, augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
                  swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
                  contrast_phase: Optional[dict] = None, gas: Optional[dict] = None,
                  thin_scan: Optional[dict] = None, vessels: Optional[dict] = None, gin_prob: float = 0.0,
                  enhancement: Optional[dict] = None):
         if augmentation not in ("intensity", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
-        self.sampler = sampler
-        self.seed = int(seed)
-        self.length = int(length)
-        self.augment = augment
         self.augmentation = augmentation
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.swap = swap
@@ -144,29 +143,24 @@ class SupervisedPatches(Dataset):
         self.gin_prob = float(gin_prob)
         self.enhancement = enhancement if enhancement and enhancement.get("prob", 0) > 0 else None
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        rng = np.random.default_rng([self.seed, int(index)])
-        if self.augment and self.augmentation == "spatial":
-            case_index, start = self.sampler.window(rng)
-            case = self.sampler.cases[case_index]
-            centre = [s + (p - 1) / 2.0 for s, p in zip(start, self.sampler.patch_size)]
+    def draw(self, sampler: PatchSampler, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """A patch of ``sampler``'s cases and its label, augmented; every draw comes from ``rng``."""
+        if self.augmentation == "spatial":
+            case_index, start = sampler.window(rng)
+            case = sampler.cases[case_index]
+            centre = [s + (p - 1) / 2.0 for s, p in zip(start, sampler.patch_size)]
             volume = self._organ_intensities(case.image, case.label, rng)
-            image, label = supervised_augment(volume, case.label, centre, self.sampler.patch_size, rng,
+            image, label = supervised_augment(volume, case.label, centre, sampler.patch_size, rng,
                                               self.mirror_axes, self.swap, self.lateral_axis, fill=case.fill)
         else:
-            image, label, _ = self.sampler.sample(rng)
-            if self.augment:
-                image = intensity_augment(self._organ_intensities(image, label, rng), rng)
+            image, label, _ = sampler.sample(rng)
+            image = intensity_augment(self._organ_intensities(image, label, rng), rng)
         # Drawn only when on, so that runs without it sample as before.
-        if self.augment and self.gin_prob > 0 and rng.random() < self.gin_prob:
+        if self.gin_prob > 0 and rng.random() < self.gin_prob:
             image = random_intensity_network(image, rng)
-        if self.augment and self.thin_scan is not None:
+        if self.thin_scan is not None:
             image, label = thin_scan_slab(image, label, rng, **self.thin_scan)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)),
-                "label": torch.from_numpy(np.ascontiguousarray(label))}
+        return image, label
 
     def _organ_intensities(self, image: np.ndarray, label: Optional[np.ndarray],
                            rng: np.random.Generator) -> np.ndarray:
@@ -182,6 +176,32 @@ class SupervisedPatches(Dataset):
         if self.gas is not None:
             image = hollow_organ_gas(image, label, rng, **self.gas)
         return image
+
+
+class SupervisedPatches(Dataset):
+    """Map-style dataset: item ``i`` is sample ``i`` of the run (see the module docstring).
+
+    ``augment``: draw each patch through a :class:`PatchAugmenter` built from ``augmentation`` (its
+    arguments); False: plain crops (validation-like patches).
+    """
+
+    def __init__(self, sampler: PatchSampler, seed: int, length: int, augment: bool = True, **augmentation):
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.length = int(length)
+        self.augmenter = PatchAugmenter(**augmentation) if augment else None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, int(index)])
+        if self.augmenter is not None:
+            image, label = self.augmenter.draw(self.sampler, rng)
+        else:
+            image, label, _ = self.sampler.sample(rng)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)),
+                "label": torch.from_numpy(np.ascontiguousarray(label))}
 
 
 class StepSampler(Sampler):

@@ -119,10 +119,26 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=self.train_config.lr,
                                            weight_decay=self.train_config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factors)
+        # Stochastic weight averaging: a copy of the backbone holding the mean of its weights after each step
+        # from average_start on.  Instance normalisation keeps no running statistics, so the mean of the
+        # weights is the whole averaged network (buffers, if a backbone had any, are averaged alike).
+        self.averaged: Optional[torch.optim.swa_utils.AveragedModel] = None
+        self.average_start = 0
+        fraction = float(self.train_config.average_weights_from)
+        if fraction > 0:
+            self.average_start = max(1, math.ceil(fraction * self.train_config.max_steps))
+            self.averaged = torch.optim.swa_utils.AveragedModel(self.objective.backbone, use_buffers=True)
 
     # --- state ------------------------------------------------------------------------------------------
     def _backbone(self) -> nn.Module:
         return self.objective.backbone
+
+    def _averaged_steps(self) -> int:
+        return int(self.averaged.n_averaged) if self.averaged is not None else 0
+
+    def network(self) -> nn.Module:
+        """The network a user gets: the averaged weights once averaging has begun, else the trained ones."""
+        return self.averaged.module if self._averaged_steps() > 0 else self._backbone()
 
     def state(self, with_optimizer: bool = True) -> Dict[str, Any]:
         backbone_keys = {"backbone." + k for k in self._backbone().state_dict()}
@@ -131,12 +147,18 @@ class Trainer:
             "kind": self.kind,
             "model_config": self.config.to_dict()["model"],
             "labels": dict(self.labels),
-            "model": self._backbone().state_dict(),
+            # Everything that reads a checkpoint (predict, --init, probe) takes "model": the averaged network
+            # when there is one.
+            "model": self.network().state_dict(),
             "extra": extra,
             "step": self.step,
             "best_metric": self.best_metric,
             "config": self.config.to_dict(),
         }
+        if self._averaged_steps() > 0:
+            state.update(averaged_steps=self._averaged_steps())
+            if with_optimizer:  # resume continues training the last weights, not their mean
+                state.update(trained_model=self._backbone().state_dict())
         if with_optimizer:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), rng=rng_state())
@@ -151,7 +173,13 @@ class Trainer:
         state = load_checkpoint(path, map_location=self.context.device)
         if state.get("kind") != self.kind:
             raise InputError(f"holds a {state.get('kind')!r} run, not {self.kind!r}", path=path)
-        self._backbone().load_state_dict(state["model"])
+        self._backbone().load_state_dict(state.get("trained_model", state["model"]))
+        if state.get("averaged_steps"):
+            if self.averaged is None:
+                raise InputError("holds averaged weights but this run's config has average_weights_from 0",
+                                 path=path)
+            self.averaged.module.load_state_dict(state["model"])
+            self.averaged.n_averaged.fill_(int(state["averaged_steps"]))
         self.objective.load_state_dict(state.get("extra", {}), strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -175,7 +203,7 @@ class Trainer:
     def _run_validation(self) -> None:
         # Only rank 0 holds validation cases; every rank meets at the barrier so none runs ahead.
         if self.context.is_main and self.validate is not None:
-            backbone = self._backbone()
+            backbone = self.network()
             was_training = backbone.training
             backbone.eval()
             with torch.no_grad():
@@ -250,6 +278,8 @@ class Trainer:
                 encoder_lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 self.step += 1
+                if self.averaged is not None and self.step >= self.average_start:
+                    self.averaged.update_parameters(self._backbone())
                 window_steps += 1
                 elapsed = time.time() - window_start
                 rate = window_steps / elapsed if elapsed > 0 else 0.0

@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.sampling import PatchSampler
-from ..data.views import intensity_augment
+from ..data.sampling import PatchAugmenter, PatchSampler
 from ..errors import InputError
 from ..losses import class_prototypes, prototype_contrastive_loss, sample_anchors
 
@@ -258,11 +257,14 @@ class JointPairs(Dataset):
         num_classes: foreground classes (sets the anchor slots per patch).
         anchors_per_class: ``n``.
         stream: separates the rounds' sample streams (the round number).
-        augment: mild intensity augmentation, as in supervised training.
+        augmenter: how each patch of a pair is drawn and augmented, the run's supervised recipe
+            (``finetune.augmentation_options``; pseudo-labels stand in for labels); None: the intensity
+            augmentation alone.
     """
 
     def __init__(self, labeled: PatchSampler, unlabeled: Optional[PatchSampler], seed: int, length: int,
-                 num_classes: int, anchors_per_class: int = 16, stream: int = 0, augment: bool = True):
+                 num_classes: int, anchors_per_class: int = 16, stream: int = 0,
+                 augmenter: Optional[PatchAugmenter] = None):
         self.labeled = labeled
         self.unlabeled = unlabeled
         self.seed = int(seed)
@@ -270,7 +272,7 @@ class JointPairs(Dataset):
         self.anchors_per_class = int(anchors_per_class)
         self.slots = self.anchors_per_class * max(int(num_classes), 1)
         self.stream = int(stream)
-        self.augment = augment
+        self.augmenter = augmenter if augmenter is not None else PatchAugmenter()
 
     def __len__(self) -> int:
         return self.length
@@ -287,9 +289,7 @@ class JointPairs(Dataset):
         kind = self.pair_kind(index)
         for is_labeled in kind:
             sampler = self.labeled if is_labeled else self.unlabeled
-            image, label, _ = sampler.sample(rng)
-            if self.augment:
-                image = intensity_augment(image, rng)
+            image, label = self.augmenter.draw(sampler, rng)
             label_tensor = torch.from_numpy(np.ascontiguousarray(label))
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
             anchors.append(padded_anchors(label_tensor[0], self.slots, self.anchors_per_class, generator))

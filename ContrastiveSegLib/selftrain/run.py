@@ -16,7 +16,7 @@ from ..config import RunConfig, software_versions
 from ..data.catalog import Case, check_target_names, load_datasets
 from ..data.labels import output_label_map
 from ..data.preprocess import CasePreparer, PreparedCase
-from ..data.sampling import PatchSampler, SupervisedPatches
+from ..data.sampling import PatchAugmenter, PatchSampler, SupervisedPatches
 from ..engine.checkpoint import load_checkpoint, load_pretrained_weights
 from ..engine.device import DistributedContext, distributed
 from ..engine.events import EventLog, read_events
@@ -363,7 +363,8 @@ class _SelfTraining(BaselineStage, PseudoLabelStage):
                                               embedding_dim=settings["embedding_dim"])
             unlabeled = PatchSampler(kept, config.model.patch_size, config.train.foreground_ratio) if kept else None
             dataset = JointPairs(labeled, unlabeled, config.train.seed, length, len(self.targets),
-                                 settings["anchors_per_class"], stream=stage.round, augment=True)
+                                 settings["anchors_per_class"], stream=stage.round,
+                                 augmenter=PatchAugmenter(**augmentation_options(config, self.targets)))
         validate = None
         if self.has_validation:
             validate = make_validator(self.prepared_val, self.targets, config.model.patch_size, config.train.sw_overlap)
