@@ -55,6 +55,7 @@ set(CONTRASTIVESEG_ENGINE_PYTHON_SCRIPTS
   ContrastiveSegLib/models/factory.py
   ContrastiveSegLib/pretrain.py
   ContrastiveSegLib/probe.py
+  ContrastiveSegLib/recipes.py
   ContrastiveSegLib/report/__init__.py
   ContrastiveSegLib/report/colors.py
   ContrastiveSegLib/report/curves.py

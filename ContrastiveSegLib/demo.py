@@ -48,6 +48,7 @@ def sample_paths() -> dict:
 def demo_config(quick: bool, device: str, max_steps: Optional[int] = None, seed: int = 0):
     """The demo's settings: a small U-Net at the scans' own 3 mm, sized for two CPU cores."""
     from .config import RunConfig
+    from .recipes import apply_recipe
 
     paths = sample_paths()
     config = RunConfig(command="finetune", device=device)
@@ -61,28 +62,26 @@ def demo_config(quick: bool, device: str, max_steps: Optional[int] = None, seed:
     train = config.train
     train.max_steps = max_steps or (40 if quick else 800)
     train.batch_size = 2
-    train.lr = 3e-3      # a small network from scratch on one scan: a higher rate than fine-tuning's 1e-4
-    train.warmup_steps = 10 if quick else 20
     train.val_every = train.max_steps if quick else 100
     train.checkpoint_every = 100
     train.num_workers = 0   # patches are cheap crops of a cached volume; workers would only compete for 2 cores
-    train.foreground_ratio = 0.8
     train.seed = seed
-    # The few-label recipe as far as it was measured to help on this task (docs/few-label-accuracy.md):
-    # the largest-component rule, chosen on the training scan because patient B, the only validation
-    # case, is the one scored; the ends of a scan thinner than the patch continued (every new run's
-    # default); gas in the stomach (patient A's holds fluid, B's gas); the spatial augmentation with 800
-    # steps (section 12: 0.577 +- 0.029 over six seeds against 0.514 for intensity-only augmentation at
-    # 400 steps); and contrast in the aorta's blood (section 13: 0.674 +- 0.050 over the same six seeds
-    # against 0.577, higher in five, level in one; patient A has no contrast, B has).  ct_zscore lowered
-    # patient B's Dice; contrast-phase augmentation of whole organs, thin scans simulated, a 96 x 96 x 16
-    # or 128 x 128 x 16 patch, batch Dice and enhancing tissue showed no detectable difference; random
-    # intensity networks (GIN), Tversky's index and other structures learnt as classes lowered it
-    # (sections 15-18).
+    # The few-label recipe (recipes.py; what a user gets with finetune --recipe few-label) as far as it was
+    # measured to help on this task (docs/few-label-accuracy.md): gas in the stomach (patient A's holds
+    # fluid, B's gas); the spatial augmentation with 800 steps (section 12: 0.577 +- 0.029 over six seeds
+    # against 0.514 for intensity-only augmentation at 400 steps); and contrast in the aorta's blood
+    # (section 13: 0.674 +- 0.050 over the same six seeds against 0.577, higher in five, level in one;
+    # patient A has no contrast, B has).  ct_zscore lowered patient B's Dice; contrast-phase augmentation
+    # of whole organs, thin scans simulated, a 96 x 96 x 16 or 128 x 128 x 16 patch, batch Dice and
+    # enhancing tissue showed no detectable difference; random intensity networks (GIN), Tversky's index
+    # and other structures learnt as classes lowered it (sections 15-18).
     config.preprocess.intensity = "ct_window"
-    train.augmentation = "spatial"
-    train.hollow_organ_gas_prob = 0.5
-    train.vessel_contrast_prob = 0.5
+    apply_recipe(config, "few-label")
+    if quick:
+        train.warmup_steps = 10
+    # The largest-component rule is chosen on the training scan, because patient B, the only validation
+    # case, is the one scored.  The ends of a scan thinner than the patch are continued (every new run's
+    # default).
     config.postprocess.choose_on = "training"
     return config
 

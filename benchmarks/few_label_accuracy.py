@@ -26,7 +26,10 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
   contrast in vessels (``--vessel-contrast-prob 0.5``), the demo's recipe; ``gas_spatial_vessel_gin``: that
   and random intensity networks (``--gin-prob 0.5``); ``gas_spatial_vessel_enhance``: that and enhancing
   tissue (``--tissue-enhancement-prob 0.5``); ``gas_spatial_vessel_tversky``: the demo's recipe with
-  Tversky's index for the Dice term (``--dice tversky``).
+  Tversky's index for the Dice term (``--dice tversky``); ``gas_spatial_vessel_swa``: the demo's recipe with
+  the weights averaged over the second half of training (``--average-weights-from 0.5``);
+  ``slicer_cpu_before``: what the Slicer module trained on a CPU before its settings took ``--recipe
+  few-label`` (the demo's network and grid with ``finetune``'s defaults; its 400 steps are ``--steps 400``).
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
 
@@ -45,6 +48,14 @@ included) on a network never trained mirrored.
 Each training runs in its own process, which reports its train and predict seconds and peak resident
 memory.  Seconds are comparable only within one invocation on one machine.  Writes ``RESULTS.json``
 and ``dice.png`` into ``--out``.
+
+``--selftrain-from OUT --unlabeled-root DATA`` self-trains each network an earlier invocation trained into
+``OUT`` (``selftrain --init RUN/checkpoints/last.pt``: the network is the baseline) for one round of
+``--steps`` steps, with the network's own recipe (augmentation, gas, vessels) and one pair of patches a step,
+the same two patches a step as the recipe's batch; two arms, paired: ``selftrain``, with the three LIDC chest
+CTs of ``DATA/lidc`` (three further patients, neither A nor B) as unlabelled scans, and ``selftrain_none``,
+the same round with every unlabelled scan filtered out (``agreement_threshold`` 1: labelled pairs only), so
+that the difference is what the unlabelled scans bring.  Rows as above; ``RESULTS.json`` in ``--out``.
 
 ``--nnunet`` additionally trains nnU-Net v2 on the same scan for the wall-clock of the slowest
 training of the invocation (see ``nnunet_baseline``) in a virtual environment of its own, and scores it the same way.
@@ -108,6 +119,13 @@ VARIANTS = {
     "gas_spatial_vessel_tversky": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
                                    "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
                                    "dice": "tversky"},
+    "gas_spatial_vessel_swa": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
+                               "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
+                               "average_weights_from": 0.5},
+    # What the Slicer module's CPU settings trained before they took --recipe few-label: the demo's network and
+    # grid with finetune's defaults (lr 1e-4, no warm-up, intensity augmentation, 67 % of patches on organs).
+    "slicer_cpu_before": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
+                          "lr": 1e-4, "warmup_steps": 0, "foreground_ratio": 0.67},
     "phase_gas": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
                   "contrast_phase_prob": 0.5, "hollow_organ_gas_prob": 0.5},
 }
@@ -134,6 +152,10 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
     config.train.vessel_contrast_prob = settings.get("vessel_contrast_prob", 0.0)
     config.train.gin_prob = settings.get("gin_prob", 0.0)
     config.train.tissue_enhancement_prob = settings.get("tissue_enhancement_prob", 0.0)
+    config.train.average_weights_from = settings.get("average_weights_from", 0.0)
+    for name in ("lr", "warmup_steps", "foreground_ratio"):   # the demo's unless the variant says otherwise
+        if name in settings:
+            setattr(config.train, name, settings[name])
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
     config.train.seed = seed
@@ -212,6 +234,55 @@ def score_rows(model, variant: str, out: str, background_weights=()) -> dict:
         score(f"+pp+continue bg {weight:g}", postprocess=decision, ends="continue", background_weight=weight)
     model.postprocess = decision
     return rows
+
+
+SELFTRAIN_ARMS = {"selftrain": None, "selftrain_none": 1.0}   # arm -> agreement threshold (1: none kept)
+UNLABELED_SCANS = ("lidc_0001.nii.gz", "lidc_0002.nii.gz", "lidc_0003.nii.gz")
+
+
+def selftrain_one(baseline_run: str, arm: str, steps: int, out: str, unlabeled_root: str, threads: int = 0) -> dict:
+    """Self-train one network of an earlier invocation (its run folder ``baseline_run``) into ``out``; the
+    result as a dict, rows as ``run_one``'s."""
+    import warnings
+
+    import torch
+
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.engine.inference import load_model
+    from ContrastiveSegLib.selftrain import run_selftrain, selftrain_settings
+
+    warnings.filterwarnings("ignore")
+    if threads:
+        torch.set_num_threads(threads)
+    with open(os.path.join(baseline_run, "config.json"), encoding="utf-8") as handle:
+        config = RunConfig.from_dict(json.load(handle))
+    # A folder of the unlabelled scans alone (lidc/ also holds lung masks, which are not scans).
+    scans = os.path.join(out, "unlabeled")
+    os.makedirs(scans, exist_ok=True)
+    for name in UNLABELED_SCANS:
+        link = os.path.join(scans, name)
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(os.path.join(unlabeled_root, "lidc", name)), link)
+    config.command = "selftrain"
+    config.data.datasets = [os.path.join(ROOT, "ContrastiveSegLib", "sample_data", "dataset.json")]   # patient A
+    config.data.unlabeled = [scans]
+    config.data.val_datasets = []
+    config.init_checkpoint = os.path.join(baseline_run, "checkpoints", "last.pt")
+    config.method = selftrain_settings(rounds=1, agreement_threshold=SELFTRAIN_ARMS[arm])
+    config.train.max_steps = steps
+    config.train.batch_size = 1   # one pair = two patches a step, as the recipe's batch of two
+    run_dir = os.path.join(out, "run")
+    started = time.perf_counter()
+    run_selftrain(config, run_dir, progress=False)
+    train_seconds = time.perf_counter() - started
+    model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
+    rows = score_rows(model, arm, out)
+    with open(os.path.join(run_dir, "selftrain.json"), encoding="utf-8") as handle:
+        plan = json.load(handle)
+    return {"variant": arm, "seed": int(config.train.seed), "steps": steps, "baseline": baseline_run,
+            "train_seconds": round(train_seconds, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "postprocess": model.postprocess, "rows": rows, "selftrain": plan}
 
 
 def rescore(folder: str, background_weights=()) -> list:
@@ -369,6 +440,13 @@ def main() -> int:
                         help="with --rescore: also score each network with the background's probability times W "
                              "before the arg-max, for each W (predict --background-weight); writes "
                              "RESCORED_BACKGROUND.json")
+    parser.add_argument("--selftrain-from", metavar="OUT",
+                        help="self-train each network trained into OUT by an earlier invocation for one round of "
+                             "--steps steps, with and without the unlabelled LIDC scans (arms selftrain, "
+                             "selftrain_none); needs --unlabeled-root")
+    parser.add_argument("--unlabeled-root", metavar="DATA",
+                        help="with --selftrain-from: the data folder whose lidc/ holds lidc_0001-0003.nii.gz")
+    parser.add_argument("--one-selftrain", nargs=2, metavar=("RUN", "ARM"), help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = os.path.abspath(args.out)
@@ -391,6 +469,13 @@ def main() -> int:
                        "results": results, "summary": summary}, handle, indent=1)
         print(markdown_table(summary))
         return 0
+    if args.one_selftrain:
+        baseline_run, arm = args.one_selftrain
+        seed = os.path.basename(os.path.dirname(baseline_run)).rsplit("-seed", 1)[1]
+        folder = os.path.join(out, f"{arm}-seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        print(json.dumps(selftrain_one(baseline_run, arm, args.steps, folder, args.unlabeled_root, args.threads)))
+        return 0
     if args.one:
         variant, seed = args.one[0], int(args.one[1])
         folder = os.path.join(out, f"{variant}-seed{seed}")
@@ -401,6 +486,17 @@ def main() -> int:
     results = []
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
+    baselines = {}
+    if args.selftrain_from:
+        import glob
+
+        if not args.unlabeled_root or not all(os.path.exists(os.path.join(args.unlabeled_root, "lidc", name))
+                                              for name in UNLABELED_SCANS):
+            parser.error(f"--unlabeled-root must be a folder whose lidc/ holds {', '.join(UNLABELED_SCANS)}")
+        for run_dir in sorted(glob.glob(os.path.join(os.path.abspath(args.selftrain_from), "*-seed*", "run"))):
+            baselines[int(os.path.basename(os.path.dirname(run_dir)).rsplit("-seed", 1)[1])] = run_dir
+        seeds = [seed for seed in seeds if seed in baselines]
+        variants = list(SELFTRAIN_ARMS)
     lock = threading.Lock()
     report = {}
 
@@ -409,6 +505,10 @@ def main() -> int:
         for variant in variants:
             command = [sys.executable, os.path.abspath(__file__), "--one", variant, str(seed), "--steps",
                        str(args.steps), "--out", out, "--threads", str(args.threads), "--init", args.init]
+            if baselines:
+                command = [sys.executable, os.path.abspath(__file__), "--one-selftrain", baselines[seed], variant,
+                           "--steps", str(args.steps), "--out", out, "--threads", str(args.threads),
+                           "--unlabeled-root", os.path.abspath(args.unlabeled_root)]
             completed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
             if completed.returncode != 0:
                 raise RuntimeError(f"{variant} seed {seed} failed:\n{completed.stderr[-3000:]}")

@@ -109,6 +109,48 @@ def test_joint_pairs_mix_the_three_pair_kinds_and_draw_anchors_reproducibly():
     assert all(only_labelled[i]["labeled"].all() for i in range(3))
 
 
+def test_joint_pairs_draw_their_patches_with_the_runs_supervised_recipe():
+    from ContrastiveSegLib.data.sampling import PatchAugmenter
+    from ContrastiveSegLib.data.views import intensity_augment
+
+    labelled, unlabelled = _cases((24, 24, 24))
+    labelled_patches = PatchSampler([labelled], (16, 16, 16), 1.0)
+    unlabelled_patches = PatchSampler([unlabelled], (16, 16, 16), 1.0)
+    # Without an augmenter: the sampler's crop and the intensity augmentation, as before the recipe reached
+    # self-training, so that older runs draw the same pairs.
+    pairs = JointPairs(labelled_patches, unlabelled_patches, seed=3, length=3, num_classes=2, stream=1)
+    rng = np.random.default_rng([3, 1, 1])
+    image, label, _ = labelled_patches.sample(rng)
+    np.testing.assert_array_equal(pairs[1]["image"][0].numpy(), intensity_augment(image, rng))
+    # With the run's recipe, each patch (labelled or pseudo-labelled) is the augmenter's draw from the pair's
+    # generator: rotated, zoomed and deformed with its label.
+    spatial = PatchAugmenter(augmentation="spatial")
+    recipe_pairs = JointPairs(labelled_patches, unlabelled_patches, seed=3, length=3, num_classes=2, stream=1,
+                              augmenter=spatial)
+    item = recipe_pairs[1]  # an L-U pair
+    rng = np.random.default_rng([3, 1, 1])
+    image, label = spatial.draw(labelled_patches, rng)
+    np.testing.assert_array_equal(item["image"][0].numpy(), image)
+    np.testing.assert_array_equal(item["label"][0].numpy(), label)
+    assert not np.array_equal(item["image"][0].numpy(), pairs[1]["image"][0].numpy())
+    # The pseudo-labelled patch keeps its label on its voxels: class 2 only where the pseudo-label was.
+    assert set(np.unique(item["label"][1].numpy())) <= {0, 2}
+
+
+def test_selftrain_cli_takes_the_finetune_recipe_flags():
+    from ContrastiveSegLib.cli import _training_config, build_parser
+
+    parser = build_parser()
+    base = ["selftrain", "--labeled", "x", "--unlabeled", "u", "--labels", "liver", "--out", "y"]
+    config = _training_config(parser.parse_args(base + ["--augmentation", "spatial", "--hollow-organ-gas-prob", "0.5",
+                                                        "--vessel-contrast-prob", "0.5",
+                                                        "--average-weights-from", "0.5"]), "selftrain")
+    assert config.train.augmentation == "spatial" and config.train.hollow_organ_gas_prob == 0.5
+    assert config.train.vessel_contrast_prob == 0.5 and config.train.average_weights_from == 0.5
+    with pytest.raises(SystemExit):  # the largest-component rule is finetune's choice, not selftrain's
+        parser.parse_args(base + ["--postprocess-on", "training"])
+
+
 # --------------------------------------------------------------------------- the loss
 
 def _reference_loss(embeddings, labels, tau, matching):

@@ -76,6 +76,67 @@ def test_stop_file_then_resume_continues_exactly(tmp_path, tiny_dataset):
     assert [s["start_step"] for s in starts] == [0, 3]
 
 
+def _stop_at(folder, step):
+    def listener(event):
+        if event["event"] == "step" and event["step"] == step:
+            (folder / "STOP").write_text("")
+    return listener
+
+
+def test_weight_averaging_keeps_the_mean_of_the_weights_after_each_step_and_resumes_exactly(tmp_path, tiny_dataset):
+    labels = ["liver", "spleen"]
+    # The weights after steps 3, 4, 5 and 6 of a run without averaging: stopped after each, then resumed.
+    plain = tmp_path / "plain"
+    snapshots = []
+    for stop in (3, 4, 5, None):
+        listeners = [_stop_at(plain, stop)] if stop else []
+        run_finetune(tiny_config([tiny_dataset], labels, max_steps=6), str(plain), resume=bool(snapshots),
+                     listeners=listeners, progress=False)
+        snapshots.append(_weights(str(plain / "checkpoints" / "last.pt")))
+    assert "averaged_steps" not in load_checkpoint(str(plain / "checkpoints" / "last.pt"))
+
+    # Averaging from 0.5 x 6 steps: the steps 3 to 6, the mean of the four snapshots.
+    averaged = tmp_path / "averaged"
+    run_finetune(tiny_config([tiny_dataset], labels, max_steps=6, average_weights_from=0.5), str(averaged),
+                 progress=False)
+    state = load_checkpoint(str(averaged / "checkpoints" / "last.pt"))
+    assert state["averaged_steps"] == 4
+    for key in snapshots[-1]:
+        # The optimiser trains the same weights as without averaging ...
+        torch.testing.assert_close(state["trained_model"][key], snapshots[-1][key], rtol=1e-5, atol=1e-6, msg=key)
+        # ... and the network saved is their mean over the averaged steps.
+        mean = sum(snapshot[key].double() for snapshot in snapshots) / 4
+        torch.testing.assert_close(state["model"][key].double(), mean, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(state["model"][key], snapshots[-1][key]) for key in state["model"])
+
+    # Stopped after step 4 (two steps averaged), then resumed: the same mean and the same trained weights.
+    stopped = tmp_path / "stopped"
+    run_finetune(tiny_config([tiny_dataset], labels, max_steps=6, average_weights_from=0.5), str(stopped),
+                 listeners=[_stop_at(stopped, 4)], progress=False)
+    assert load_checkpoint(str(stopped / "checkpoints" / "last.pt"))["averaged_steps"] == 2
+    run_finetune(tiny_config([tiny_dataset], labels, max_steps=6, average_weights_from=0.5), str(stopped),
+                 resume=True, progress=False)
+    resumed = load_checkpoint(str(stopped / "checkpoints" / "last.pt"))
+    assert resumed["averaged_steps"] == 4
+    for part in ("model", "trained_model"):
+        for key in state[part]:
+            torch.testing.assert_close(resumed[part][key], state[part][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_weight_averaging_cli_option_is_a_fraction_of_the_steps():
+    from ContrastiveSegLib.cli import _training_config, build_parser
+
+    parser = build_parser()
+    base = ["finetune", "--data", "x", "--labels", "liver", "--out", "y"]
+    assert _training_config(parser.parse_args(base), "finetune").train.average_weights_from == 0.0
+    config = _training_config(parser.parse_args(base + ["--average-weights-from", "0.5"]), "finetune")
+    assert config.train.average_weights_from == 0.5
+    for bad in ("1", "-0.1"):
+        with pytest.raises(InputError, match="fraction") as raised:
+            _training_config(parser.parse_args(base + ["--average-weights-from", bad]), "finetune")
+        assert raised.value.path == "--average-weights-from"
+
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, tiny_dataset):
     result = run_cli(["finetune", "--data", tiny_dataset, "--labels", "liver", "--out", tmp_path / "new", "--resume"]
                      + TINY_ARGS)
