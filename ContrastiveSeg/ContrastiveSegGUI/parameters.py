@@ -3,7 +3,7 @@
 
 from typing import Annotated, List
 
-from ContrastiveSegJob.commands import METHODS
+from ContrastiveSegJob.commands import METHODS, RECIPES
 from ContrastiveSegJob.devices import CPU_SETTINGS
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -38,6 +38,8 @@ class ContrastiveSegParameterNode:
     model: Annotated[str, Choice(["unetr", "unet"])] = CPU_SETTINGS["model"]
     modelSize: Annotated[str, Choice(["tiny", "small", "base"])] = CPU_SETTINGS["modelSize"]
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    # The engine's --recipe; not shown: it follows the device's recommended settings (devices.py).
+    recipe: Annotated[str, Choice(list(RECIPES))] = CPU_SETTINGS["recipe"]
     validationPath: str = ""
     defaultsChosen: bool = False
     # applying a model

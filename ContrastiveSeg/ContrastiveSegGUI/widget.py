@@ -66,6 +66,7 @@ def requestFromParameterNode(node, outputRoot: str) -> TrainingRequest:
         labeled_fraction=node.labeledFraction if node.method != "selftrain" else None,
         device=node.device,
         seed=node.seed,
+        recipe=node.recipe,
     )
 
 

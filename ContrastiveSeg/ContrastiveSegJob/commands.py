@@ -26,6 +26,7 @@ from .runfolder import RunStatus, run_status
 
 ENGINE_MODULE = "ContrastiveSegLib"
 METHODS = ("none", "mixcl", "gcl", "selftrain")
+RECIPES = ("none", "few-label")   # the engine's --recipe (ContrastiveSegLib/recipes.py)
 PRETRAINING_METHODS = ("mixcl", "gcl")
 MODELS = ("unetr", "unet")
 MODEL_SIZES = ("tiny", "small", "base")
@@ -62,6 +63,9 @@ class TrainingRequest:
         spacing: voxel spacing in mm the scans are resampled to: ``3.0`` or ``"1.5,1.5,2"``.
         model_size: ``tiny``, ``small`` or ``base`` (the engine's ``--model-size``); None
             leaves the engine's default. Not in the GUI: for scripts and the self-test.
+        recipe: the engine's ``--recipe`` for fine-tuning and self-training (``few-label``:
+            the settings measured best with one labelled scan, for the light U-Net); None
+            leaves the engine's default (none).
         resume: continue the runs found in the output folder instead of starting over; set
             only by the module's explicit resume action on a chosen earlier job.
     """
@@ -83,6 +87,7 @@ class TrainingRequest:
     labeled_fraction: Optional[float] = None
     device: str = "auto"
     seed: Optional[int] = None
+    recipe: Optional[str] = None
     resume: bool = False
 
     def organ_names(self) -> List[str]:
@@ -111,6 +116,8 @@ class TrainingRequest:
             raise ValueError(f"Unknown model {self.model!r}: choose one of {', '.join(MODELS)}.")
         if self.model_size is not None and self.model_size not in MODEL_SIZES:
             raise ValueError(f"Unknown model size {self.model_size!r}: choose one of {', '.join(MODEL_SIZES)}.")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"Unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}.")
         if self.device not in DEVICES:
             raise ValueError(f"Unknown device {self.device!r}: choose one of {', '.join(DEVICES)}.")
         if self.patch_size is not None:
@@ -194,8 +201,11 @@ def plan_training(request: TrainingRequest, python_executable: str) -> List[Engi
         arguments = ["--labeled", str(request.datasets[0]), "--unlabeled", str(request.unlabeled_data),
                      "--labels", organs, "--out", run_dir]
         arguments += _optional("--init", init_checkpoint)
+        arguments += _model_arguments(request)
         arguments += _optional("--max-steps", request.max_steps)
+        arguments += _optional("--recipe", request.recipe)
         arguments += ["--device", request.device]
+        arguments += _optional("--seed", request.seed)
         runs.append(_with_resume(EngineRun("selftrain", engine_argv(python_executable, "selftrain", arguments)
                                            + ["--events-stdout"], run_dir), request.resume))
         return runs
@@ -207,6 +217,7 @@ def plan_training(request: TrainingRequest, python_executable: str) -> List[Engi
     arguments += ["--labels", organs, "--out", run_dir]
     arguments += _model_arguments(request)
     arguments += _optional("--max-steps", request.max_steps)
+    arguments += _optional("--recipe", request.recipe)
     arguments += _optional("--labeled-fraction", request.labeled_fraction)
     arguments += ["--device", request.device]
     arguments += _optional("--init", init_checkpoint)

@@ -68,7 +68,7 @@ _SETTING_NAMES = {"patchSize": "patch_size", "spacing": "spacing", "maxSteps": "
                   "pretrainSteps": "pretrain_steps", "labeledFraction": "labeled_fraction",
                   "pretrainDatasets": "pretrain_datasets", "unlabeledData": "unlabeled_data",
                   "validationData": "validation_data", "initCheckpoint": "init_checkpoint", "model": "model",
-                  "modelSize": "model_size", "device": "device", "seed": "seed"}
+                  "modelSize": "model_size", "device": "device", "seed": "seed", "recipe": "recipe"}
 
 
 def absolute(path: str) -> str:
@@ -214,7 +214,7 @@ class JobLogic:
             checkDependencies: install missing packages first (one dialog).
             settings: ``model``, ``modelSize``, ``patchSize``, ``spacing``, ``maxSteps``, ``pretrainSteps``,
                 ``labeledFraction``, ``device``, ``seed``, ``pretrainDatasets``, ``unlabeledData``,
-                ``validationData``, ``initCheckpoint``.
+                ``validationData``, ``initCheckpoint``, ``recipe`` (``few-label`` or ``none``).
         """
         unknown = sorted(set(settings) - set(_SETTING_NAMES))
         if unknown:

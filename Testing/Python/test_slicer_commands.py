@@ -33,7 +33,7 @@ def request(tmp_path, **changes):
 
 def test_supervised_finetune_command(tmp_path):
     runs = plan_training(request(tmp_path, model="unet", patch_size=64, max_steps=300, labeled_fraction=0.5,
-                                 device="cpu", seed=7, validation_data="/data/val"), PY)
+                                 device="cpu", seed=7, validation_data="/data/val", recipe="few-label"), PY)
     assert len(runs) == 1
     out = str(tmp_path / "out" / "finetune")
     assert runs[0].phase == "finetune"
@@ -42,7 +42,7 @@ def test_supervised_finetune_command(tmp_path):
         PY, "-m", "ContrastiveSegLib", "finetune",
         "--data", "/data/a", "--data", "/data/b",
         "--labels", "liver,spleen", "--out", out,
-        "--model", "unet", "--patch", "64", "--max-steps", "300", "--labeled-fraction", "0.5",
+        "--model", "unet", "--patch", "64", "--max-steps", "300", "--recipe", "few-label", "--labeled-fraction", "0.5",
         "--device", "cpu", "--seed", "7", "--val-data", "/data/val", "--events-stdout",
     ]
     assert final_run_dir(request(tmp_path)) == out
@@ -51,7 +51,7 @@ def test_supervised_finetune_command(tmp_path):
 def test_engine_defaults_are_left_to_the_engine(tmp_path):
     argv = plan_training(request(tmp_path), PY)[0].argv
     for flag in ("--model", "--patch", "--max-steps", "--labeled-fraction", "--seed", "--init", "--val-data",
-                 "--resume", "--model-size"):
+                 "--resume", "--model-size", "--recipe"):
         assert flag not in argv
     assert argv[argv.index("--device") + 1] == "auto"
     assert argv[-1] == "--events-stdout"
@@ -84,6 +84,13 @@ def test_selftraining_command(tmp_path):
         "--labels", "liver,spleen", "--out", str(tmp_path / "out" / "selftrain"),
         "--init", "/runs/x/checkpoints/best.pt", "--max-steps", "10", "--device", "cuda", "--events-stdout",
     ]
+    # The network, grid, recipe and seed the user chose reach self-training as they reach fine-tuning.
+    argv = plan_training(request(tmp_path, method="selftrain", datasets=["/data/a"], unlabeled_data="/scans",
+                                 model="unet", model_size="small", patch_size="64,64,32", spacing=3.0, seed=4,
+                                 recipe="few-label"), PY)[0].argv
+    for flag, value in (("--model", "unet"), ("--model-size", "small"), ("--patch", "64,64,32"),
+                        ("--spacing", "3,3,3"), ("--recipe", "few-label"), ("--seed", "4")):
+        assert argv[argv.index(flag) + 1] == value, flag
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -92,6 +99,7 @@ def test_selftraining_command(tmp_path):
     ({"datasets": []}, "labelled dataset"),
     ({"output_folder": " "}, "output folder"),
     ({"method": "simclr"}, "Unknown method"),
+    ({"recipe": "best"}, "Unknown recipe"),
     ({"patch_size": 100}, "multiple of 16"),
     ({"max_steps": 0}, "at least 1"),
     ({"labeled_fraction": 0.0}, "Label fraction"),

@@ -320,7 +320,7 @@ def test_device_probe_and_first_run_settings(harness):
     assert "torch" not in sys.modules or "deviceprobe" not in sys.modules  # the probe ran elsewhere
     assert recommended_settings(DeviceInfo(torch_version="2.4.0", cuda=False)) == CPU_SETTINGS
     assert CPU_SETTINGS == {"model": "unet", "modelSize": "small", "patchSize": 64, "patchDepth": 32, "spacing": 3.0,
-                            "maxSteps": 400}
+                            "maxSteps": 800, "recipe": "few-label"}
     assert recommended_settings(DeviceInfo(torch_version="2.4.0", cuda=True))["model"] == "unetr"
     assert estimate_seconds(DeviceInfo(seconds_per_step=0.5), 400) == 200.0
     assert estimate_seconds(DeviceInfo(), 400) is None

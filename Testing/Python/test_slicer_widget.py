@@ -141,7 +141,7 @@ def widget_module(monkeypatch, tmp_path):
                                      trainingSegmentation=None, organs="", method="none", modelFolder="",
                                      predictVolume=None, outputSegmentation=None, referenceSegmentation=None,
                                      defaultsChosen=False, model="unet", modelSize="small", patchSize=64,
-                                     patchDepth=32, spacing=3.0, maxSteps=400)
+                                     patchDepth=32, spacing=3.0, maxSteps=800, recipe="few-label")
 
     monkeypatch.setattr(widget, "ContrastiveSegLogic", TestLogic)
     yield widget, app, errors
