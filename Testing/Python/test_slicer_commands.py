@@ -187,10 +187,12 @@ def test_every_command_parses_with_the_engines_own_parser(tmp_path):
     commands = []
     commands += plan_training(request(tmp_path, model="unet", patch_size=32, max_steps=5, labeled_fraction=0.5,
                                       device="cpu", seed=3, validation_data="/v", init_checkpoint="/c.pt",
-                                      model_size="tiny"), PY)
+                                      model_size="tiny", recipe="few-label"), PY)
     commands += plan_training(request(tmp_path, method="mixcl", pretrain_steps=5), PY)
     commands += plan_training(request(tmp_path, method="gcl"), PY)
     commands += plan_training(request(tmp_path, method="selftrain", datasets=["/a"], unlabeled_data="/u"), PY)
+    commands += plan_training(request(tmp_path, method="selftrain", datasets=["/a"], unlabeled_data="/u", model="unet",
+                                      patch_size="64,64,32", spacing=3.0, seed=2, recipe="few-label"), PY)
     commands.append(predict_run(PY, "/m", "/i.nrrd", "/o.nrrd", "cuda"))
     commands.append(predict_run(PY, "/m", "/i.nrrd", "/o.nrrd", "cpu", body_mask=False))
     commands.append(evaluate_run(PY, "/p.nrrd", "/r.nrrd", "/m", "/x.json"))

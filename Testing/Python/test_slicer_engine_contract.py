@@ -8,6 +8,7 @@ file, prediction, and the result loaded back as a named segmentation
 with a Dice table.  A tiny U-Net on 32^3 patches keeps it to seconds on a CPU.
 """
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_train_cancel_predict_and_score_with_the_real_engine(tmp_path):
     dataset = export_scene_pairs_to_dataset(scene, [(volume, reference)], str(output / "scene_data"),
                                             ["liver", "spleen"])
     request = TrainingRequest(output_folder=str(output), organs="liver, spleen", datasets=[str(dataset.parent)],
-                              model="unet", model_size="tiny", patch_size=32, max_steps=100000, device="cpu", seed=1)
+                              model="unet", model_size="tiny", patch_size=32, max_steps=100000, device="cpu", seed=1,
+                              recipe="few-label")
     engine_parent = find_engine_parent([str(REPO / "ContrastiveSeg")])
     environment = engine_environment(engine_parent)
     controller = JobController(ThreadedPopenRunner, PollingScheduler(), stop_timeout_s=60.0, poll_interval_s=0.1)
@@ -83,6 +85,8 @@ def test_train_cancel_predict_and_score_with_the_real_engine(tmp_path):
     assert run_status(run_dir) == RunStatus.STOPPED
     assert not (run_dir / "STOP").exists() and is_model_folder(run_dir)
     assert read_labels(run_dir) == {1: "liver", 2: "spleen"}
+    trained = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["train"]
+    assert (trained["augmentation"], trained["lr"], trained["vessel_contrast_prob"]) == ("spatial", 3e-3, 0.5)
 
     # Resuming would add --resume (the engine's resume itself is the engine's tests' business).
     request.resume = True
