@@ -102,7 +102,7 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser, postproces
     ``postprocess`` the choice of the largest-component rule (selftrain does not choose one)."""
     parser.add_argument("--recipe", choices=list(RECIPES), default="none",
                         help="few-label: the settings measured best with one labelled scan (spatial augmentation, "
-                             "gas in hollow organs and contrast in vessels at 0.5, patches on organs 80 %% of the "
+                             "gas in hollow organs and contrast in vessels at 0.5 for CT, patches on organs 80 %% of the "
                              "time, lr 3e-3 with 20 warm-up steps for the light U-Net); flags given with it win "
                              "(default: none)")
     parser.add_argument("--augmentation", choices=["intensity", "spatial"], default=None,

@@ -2,10 +2,11 @@
 
 ``few-label`` is what made one labelled CT scan give the best measured Dice on a patient the network never
 saw (docs/few-label-accuracy.md, sections 9-13; the demo trains it): the spatial augmentation, gas in hollow
-organs and contrast in vessels (each with probability 0.5), patches centred on an organ 80 % of the time,
-and, for the light U-Net, a learning rate of 3e-3 with 20 warm-up steps.  UNETR keeps
-the engine's 1e-4: the higher rate was measured on the light U-Net only.  The number of steps is not part
-of it (800 on the demo's 3 mm grid); explicit flags given with ``--recipe`` win over it.
+organs and contrast in vessels (each with probability 0.5; CT only: they work in HU and on CT's air),
+patches centred on an organ 80 % of the time, and, for the light U-Net, a learning rate of 3e-3 with 20
+warm-up steps.  UNETR keeps the engine's 1e-4: the higher rate was measured on the light U-Net only.  The
+number of steps is not part of it (800 on the demo's 3 mm grid); explicit flags given with ``--recipe``
+win over it.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ RECIPES = ("none", "few-label")
 
 
 def apply_recipe(config: RunConfig, name: str) -> None:
-    """Set ``config``'s training to recipe ``name`` (``none`` changes nothing); needs the model chosen."""
+    """Set ``config``'s training to recipe ``name`` (``none`` changes nothing); needs the model and the
+    intensity normalisation chosen."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: one of {', '.join(RECIPES)}")
     if name == "none":
         return
     train = config.train
     train.augmentation = "spatial"
-    train.hollow_organ_gas_prob = 0.5
-    train.vessel_contrast_prob = 0.5
     train.foreground_ratio = 0.8
+    if config.preprocess.is_ct():
+        train.hollow_organ_gas_prob = 0.5
+        train.vessel_contrast_prob = 0.5
     if config.model.architecture == "unet":
         # A small network on one scan: a higher rate than fine-tuning's 1e-4 (an --init encoder still trains
         # at 0.1 x this, as the benchmark's pre-trained starts did).

@@ -61,3 +61,9 @@ def test_an_unknown_recipe_is_refused():
 
     with pytest.raises(ValueError, match="unknown recipe"):
         apply_recipe(RunConfig(), "best")
+
+
+def test_the_recipes_hu_augmentations_are_left_out_for_mr():
+    train = _train(FINETUNE + ["--recipe", "few-label", "--model", "unet", "--intensity", "percentile"])
+    assert train.augmentation == "spatial" and train.lr == 3e-3
+    assert train.hollow_organ_gas_prob == 0.0 and train.vessel_contrast_prob == 0.0  # CT's air and HU only
