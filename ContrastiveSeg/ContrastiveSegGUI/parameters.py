@@ -38,7 +38,7 @@ class ContrastiveSegParameterNode:
     model: Annotated[str, Choice(["unetr", "unet"])] = CPU_SETTINGS["model"]
     modelSize: Annotated[str, Choice(["tiny", "small", "base"])] = CPU_SETTINGS["modelSize"]
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
-    # The engine's --recipe; not shown: it follows the device's recommended settings (devices.py).
+    # The engine's --recipe (the Recipe box); set with the device's recommended settings (devices.py).
     recipe: Annotated[str, Choice(list(RECIPES))] = CPU_SETTINGS["recipe"]
     validationPath: str = ""
     defaultsChosen: bool = False
