@@ -31,7 +31,8 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
   ``slicer_cpu_before``: what the Slicer module trained on a CPU before its settings took ``--recipe
   few-label`` (the demo's network and grid with ``finetune``'s defaults; its 400 steps are ``--steps 400``).
 
-``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``).
+``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``), its encoder at
+``--encoder-lr-scale S`` x lr (default 0.1, finetune's).
 
 Every variant but ``gas_spatial_thin`` predicts with the scan's ends as air (``--beyond-scan-ends air``,
 what every run did before the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
@@ -131,10 +132,11 @@ VARIANTS = {
 }
 
 
-def variant_config(variant: str, seed: int, steps: int, init: str = ""):
+def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_lr_scale=None):
     """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A.
 
-    ``init``: a pre-training checkpoint to start from (``finetune --init``; encoder at 0.1 x lr).
+    ``init``: a pre-training checkpoint to start from (``finetune --init``; the encoder at
+    ``encoder_lr_scale`` x lr, ``finetune``'s default when None: 0.1 with ``init``, 1.0 without).
     """
     from ContrastiveSegLib.demo import demo_config
 
@@ -158,6 +160,7 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
             setattr(config.train, name, settings[name])
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
+    config.train.encoder_lr_scale = encoder_lr_scale
     config.train.seed = seed
     config.train.val_every = 0
     config.train.checkpoint_every = 0
@@ -166,7 +169,8 @@ def variant_config(variant: str, seed: int, steps: int, init: str = ""):
     return config
 
 
-def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, init: str = "") -> dict:
+def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, init: str = "",
+            encoder_lr_scale=None) -> dict:
     """Train one variant with one seed into ``out``, score every row; the result as a dict."""
     import warnings
 
@@ -180,11 +184,12 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, ini
         torch.set_num_threads(threads)
     run_dir = os.path.join(out, "run")
     started = time.perf_counter()
-    run_finetune(variant_config(variant, seed, steps, init), run_dir, progress=False)
+    run_finetune(variant_config(variant, seed, steps, init, encoder_lr_scale), run_dir, progress=False)
     train_seconds = time.perf_counter() - started
     model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
     rows = score_rows(model, variant, out)
     return {"variant": variant, "seed": seed, "steps": steps, "init": init or None,
+            "encoder_lr_scale": model.config.train.encoder_lr_scale,
             "train_seconds": round(train_seconds, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "postprocess": model.postprocess, "rows": rows,
@@ -429,6 +434,9 @@ def main() -> int:
                         help="torch threads per training process (0: torch's default; 1 is faster on a busy CPU)")
     parser.add_argument("--init", default="", metavar="CKPT",
                         help="start every run from this pre-training checkpoint (finetune --init; default: scratch)")
+    parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
+                        help="the encoder trains at S x lr (finetune --encoder-lr-scale; default: finetune's, "
+                             "0.1 with --init, 1.0 without)")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print a RESULTS.json's summary as Markdown and stop")
     parser.add_argument("--rescore", nargs="+", metavar="OUT",
                         help="score the runs an earlier invocation trained into OUT again, with every row; writes "
@@ -480,7 +488,7 @@ def main() -> int:
         variant, seed = args.one[0], int(args.one[1])
         folder = os.path.join(out, f"{variant}-seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads, args.init)))
+        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads, args.init, args.encoder_lr_scale)))
         return 0
     os.makedirs(out, exist_ok=True)
     results = []
@@ -505,6 +513,8 @@ def main() -> int:
         for variant in variants:
             command = [sys.executable, os.path.abspath(__file__), "--one", variant, str(seed), "--steps",
                        str(args.steps), "--out", out, "--threads", str(args.threads), "--init", args.init]
+            if args.encoder_lr_scale is not None:
+                command += ["--encoder-lr-scale", str(args.encoder_lr_scale)]
             if baselines:
                 command = [sys.executable, os.path.abspath(__file__), "--one-selftrain", baselines[seed], variant,
                            "--steps", str(args.steps), "--out", out, "--threads", str(args.threads),
