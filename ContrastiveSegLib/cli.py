@@ -135,7 +135,7 @@ def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """How fast a (pre-trained) encoder may change while the rest of the network trains."""
     parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
                         help="the encoder trains at S x --lr (default: 0.1 with --init, so fine-tuning does not "
-                             "erase the pre-training; 1.0 without)")
+                             "erase the pre-training; 1.0 without, and with finetune --recipe few-label on the U-Net)")
     parser.add_argument("--freeze-encoder-steps", type=int, default=0, metavar="K",
                         help="keep the encoder fixed for the first K steps while the decoder adapts (default: 0)")
 
@@ -451,7 +451,8 @@ def _set_encoder_training(train, args: argparse.Namespace) -> None:
                          fix="give a factor of 0 or more (0 keeps the encoder fixed for the whole run)")
     if args.freeze_encoder_steps < 0:
         raise InputError(f"{args.freeze_encoder_steps} is negative", path="--freeze-encoder-steps")
-    train.encoder_lr_scale = args.encoder_lr_scale
+    if args.encoder_lr_scale is not None:   # else the recipe's, or finetune's default (config.py)
+        train.encoder_lr_scale = args.encoder_lr_scale
     train.freeze_encoder_steps = args.freeze_encoder_steps
 
 

@@ -32,7 +32,8 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
   few-label`` (the demo's network and grid with ``finetune``'s defaults; its 400 steps are ``--steps 400``).
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``), its encoder at
-``--encoder-lr-scale S`` x lr (default 0.1, finetune's).
+``--encoder-lr-scale S`` x lr (default: ``finetune``'s 0.1, as every earlier ``--init`` run; ``--recipe
+few-label`` now trains it at 1.0, docs/few-label-accuracy.md section 23).
 
 Every variant but ``gas_spatial_thin`` predicts with the scan's ends as air (``--beyond-scan-ends air``,
 what every run did before the setting existed); the rows ``+continue`` and ``+pp+continue`` score the same networks with the ends
@@ -136,7 +137,9 @@ def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_
     """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A.
 
     ``init``: a pre-training checkpoint to start from (``finetune --init``; the encoder at
-    ``encoder_lr_scale`` x lr, ``finetune``'s default when None: 0.1 with ``init``, 1.0 without).
+    ``encoder_lr_scale`` x lr; None: ``finetune``'s default of 0.1, which every ``--init`` run of the docs
+    before section 23 trained with, so that their commands still reproduce them; ``--recipe few-label``
+    now sets 1.0, given here as ``--encoder-lr-scale 1.0``).
     """
     from ContrastiveSegLib.demo import demo_config
 
@@ -160,7 +163,7 @@ def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_
             setattr(config.train, name, settings[name])
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")
     config.init_checkpoint = init or None
-    config.train.encoder_lr_scale = encoder_lr_scale
+    config.train.encoder_lr_scale = encoder_lr_scale   # None: finetune's 0.1 with --init, as every earlier run
     config.train.seed = seed
     config.train.val_every = 0
     config.train.checkpoint_every = 0

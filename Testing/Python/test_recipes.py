@@ -67,3 +67,24 @@ def test_the_recipes_hu_augmentations_are_left_out_for_mr():
     train = _train(FINETUNE + ["--recipe", "few-label", "--model", "unet", "--intensity", "percentile"])
     assert train.augmentation == "spatial" and train.lr == 3e-3
     assert train.hollow_organ_gas_prob == 0.0 and train.vessel_contrast_prob == 0.0  # CT's air and HU only
+
+
+def test_few_label_finetunes_a_pretrained_encoder_at_the_full_rate():
+    # Section 23 of docs/few-label-accuracy.md: at finetune's 0.1 x lr the recipe's pre-trained starts scored lower.
+    from ContrastiveSegLib.config import RunConfig
+
+    train = _train(FINETUNE + ["--recipe", "few-label", "--model", "unet", "--init", "ckpt.pt"])
+    assert train.encoder_lr_scale == 1.0 and train.resolved_encoder_lr_scale(True) == 1.0
+    plain = _train(FINETUNE + ["--model", "unet", "--init", "ckpt.pt"])
+    assert plain.encoder_lr_scale is None and plain.resolved_encoder_lr_scale(True) == 0.1   # without the recipe
+    given = _train(FINETUNE + ["--recipe", "few-label", "--model", "unet", "--encoder-lr-scale", "0.1"])
+    assert given.encoder_lr_scale == 0.1   # a flag given with the recipe wins
+    unetr = _train(FINETUNE + ["--recipe", "few-label", "--model", "unetr", "--init", "ckpt.pt"])
+    assert unetr.resolved_encoder_lr_scale(True) == 0.1   # measured on the light U-Net only
+    rounds = _train(["selftrain", "--labeled", "x", "--unlabeled", "u", "--labels", "liver", "--out", "y",
+                     "--recipe", "few-label", "--model", "unet", "--init", "ckpt.pt"], "selftrain")
+    assert rounds.resolved_encoder_lr_scale(True) == 0.1   # self-training rounds were not measured at 1.0
+    config = RunConfig(command="finetune")
+    config.model.architecture = "unet"
+    apply_recipe(config, "few-label")
+    assert config.train.encoder_lr_scale == 1.0
