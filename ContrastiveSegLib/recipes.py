@@ -35,6 +35,6 @@ def apply_recipe(config: RunConfig, name: str) -> None:
         train.warmup_steps = 20
         if config.command == "finetune":
             # A pre-trained (--init) encoder at the full rate, not finetune's 0.1: at 0.1 x 3e-3, with the
-            # spatial augmentation, both starts measured scored lower, a GCL encoder in 4 seeds of 4
+            # spatial augmentation, the three starts measured lost the stomach and scored lower on average
             # (docs/few-label-accuracy.md, section 23).  Self-training rounds keep their default.
             train.encoder_lr_scale = 1.0
