@@ -4,9 +4,9 @@
 saw (docs/few-label-accuracy.md, sections 9-13; the demo trains it): the spatial augmentation, gas in hollow
 organs and contrast in vessels (each with probability 0.5; CT only: they work in HU and on CT's air),
 patches centred on an organ 80 % of the time, and, for the light U-Net, a learning rate of 3e-3 with 20
-warm-up steps (in fine-tuning, a pre-trained encoder's too).  UNETR keeps the engine's 1e-4: the higher rate was measured on the light U-Net only.  The
-number of steps is not part of it (800 on the demo's 3 mm grid); explicit flags given with ``--recipe``
-win over it.
+warm-up steps (in fine-tuning, for a pre-trained encoder too).  UNETR keeps the engine's 1e-4: the higher
+rate was measured on the light U-Net only.  The number of steps is not part of it (800 on the demo's 3 mm
+grid); explicit flags given with ``--recipe`` win over it.
 """
 
 from __future__ import annotations
