@@ -90,6 +90,10 @@ THIN_PATCH = (96, 96, 16)
 WIDE_PATCH = (128, 128, 16)   # 384 mm across at 3 mm: the whole trunk's width in one window
 # Every variant below trains as before the scan-end setting existed and predicts with its ends as air; the
 # rows "+continue" score the same networks with the ends continued (an inference-time setting).
+# The demo's recipe (``--recipe few-label`` on the demo's network): the variants that change one thing of it
+# are written as RECIPE plus that change.
+RECIPE = {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
+          "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5}
 VARIANTS = {
     "old": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH},
     "zscore": {"intensity": "ct_zscore", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH},
@@ -115,34 +119,16 @@ VARIANTS = {
                  "hollow_organ_gas_prob": 0.5},
     "gas_spatial_thin": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
                          "hollow_organ_gas_prob": 0.5, "thin_scan_prob": 0.5, "beyond_scan_ends": "continue"},
-    "gas_spatial_vessel": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
-                           "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5},
-    "gas_spatial_vessel_gin": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (), "patch": OLD_PATCH,
-                               "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5, "gin_prob": 0.5},
-    "gas_spatial_vessel_enhance": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                   "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                                   "tissue_enhancement_prob": 0.5},
-    "gas_spatial_vessel_tversky": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                   "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                                   "dice": "tversky"},
-    "gas_spatial_vessel_swa": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                               "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                               "average_weights_from": 0.5},
-    "gas_spatial_vessel_base": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                                "model_size": "base"},
-    "gas_spatial_vessel_tiny": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                                "model_size": "tiny"},
-    "gas_spatial_vessel_lr1e3": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                 "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                                 "lr": 1e-3},
-    "gas_spatial_vessel_lr1e2": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                 "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                                 "lr": 1e-2},
-    "gas_spatial_vessel_batch4": {"intensity": "ct_window", "augmentation": "spatial", "mirror_axes": (),
-                                  "patch": OLD_PATCH, "hollow_organ_gas_prob": 0.5, "vessel_contrast_prob": 0.5,
-                                  "batch_size": 4},
+    "gas_spatial_vessel": RECIPE,
+    "gas_spatial_vessel_gin": dict(RECIPE, gin_prob=0.5),
+    "gas_spatial_vessel_enhance": dict(RECIPE, tissue_enhancement_prob=0.5),
+    "gas_spatial_vessel_tversky": dict(RECIPE, dice="tversky"),
+    "gas_spatial_vessel_swa": dict(RECIPE, average_weights_from=0.5),
+    "gas_spatial_vessel_base": dict(RECIPE, model_size="base"),
+    "gas_spatial_vessel_tiny": dict(RECIPE, model_size="tiny"),
+    "gas_spatial_vessel_lr1e3": dict(RECIPE, lr=1e-3),
+    "gas_spatial_vessel_lr1e2": dict(RECIPE, lr=1e-2),
+    "gas_spatial_vessel_batch4": dict(RECIPE, batch_size=4),
     # What the Slicer module's CPU settings trained before they took --recipe few-label: the demo's network and
     # grid with finetune's defaults (lr 1e-4, no warm-up, intensity augmentation, 67 % of patches on organs).
     "slicer_cpu_before": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
