@@ -109,6 +109,9 @@ def _add_supervised_recipe_arguments(parser: argparse.ArgumentParser, postproces
                         help="intensity: intensity scale, shift and noise only; spatial: also rotation, zoom, "
                              "elastic deformation, blur, contrast, gamma and low resolution (default: intensity; "
                              "spatial with --recipe few-label)")
+    parser.add_argument("--spatial-prob", type=float, default=None, metavar="P",
+                        help="with --augmentation spatial: the probability of a rotation and of a zoom of each "
+                             "patch, elastic deformation at half of it (default: 0.2, nnU-Net's)")
     parser.add_argument("--mirror-axes", default="", metavar="AXES",
                         help="axes of the RAS grid to mirror patches along in training, e.g. 1,2 (0 = left-right: "
                              "only if every left/right organ's partner is a target; pairs are swapped); "
@@ -429,7 +432,7 @@ def _supervised_recipe(config, args: argparse.Namespace) -> None:
         raise InputError(f"{args.mirror_axes!r} is not a list of axes 0, 1, 2", path="--mirror-axes",
                          fix="write e.g. --mirror-axes 1,2")
     config.train.mirror_axes = axes
-    for name in AUGMENTATION_PROBABILITIES:
+    for name in ("spatial_prob",) + tuple(AUGMENTATION_PROBABILITIES):
         value = getattr(args, name)
         if value is None:
             continue

@@ -93,6 +93,9 @@ class TrainConfig:
     # before the few-label recipe); "spatial" = nnU-Net-like rotation, scaling, elastic, gamma, contrast,
     # blur and low-resolution simulation.
     augmentation: str = "intensity"
+    # The spatial augmentation's probability of a rotation and, drawn apart, of a zoom (elastic deformation at
+    # half of it): nnU-Net's 0.2, set for datasets of many scans; one scan may want each patch moved more often.
+    spatial_prob: float = 0.2
     # Axes of the preprocessing grid (0, 1, 2 = x, y, z) patches are mirrored along in training, each with
     # p = 0.5; the left-right axis only when the targets' left/right pairs can be swapped
     # (data.views.lateral_swap).  predict --tta flips exactly these axes.

@@ -175,7 +175,8 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
     return {"augmentation": config.train.augmentation, "mirror_axes": axes,
             "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral,
             "contrast_phase": contrast_phase, "gas": gas, "thin_scan": thin_scan, "vessels": vessels,
-            "gin_prob": float(config.train.gin_prob), "enhancement": enhancement}
+            "gin_prob": float(config.train.gin_prob), "enhancement": enhancement,
+            "spatial_prob": float(config.train.spatial_prob)}
 
 
 def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,

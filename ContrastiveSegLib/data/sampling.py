@@ -122,14 +122,15 @@ class PatchAugmenter:
     and label.  ``enhancement``: ``{"prob", "solid", "hollow", "units_per_hu", "value_range"}`` for
     :func:`~.views.tissue_enhancement` (None: off), after the vessels and before the gas.  ``gin_prob``:
     the probability of :func:`~.views.random_intensity_network` (GIN), after the intensity augmentations
-    and before the thin-scan slab.
+    and before the thin-scan slab.  ``spatial_prob``: the probability of a rotation and of a zoom in
+    ``"spatial"`` (elastic deformation at half of it).
     """
 
     def __init__(self, augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
                  swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
                  contrast_phase: Optional[dict] = None, gas: Optional[dict] = None,
                  thin_scan: Optional[dict] = None, vessels: Optional[dict] = None, gin_prob: float = 0.0,
-                 enhancement: Optional[dict] = None):
+                 enhancement: Optional[dict] = None, spatial_prob: float = 0.2):
         if augmentation not in ("intensity", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
         self.augmentation = augmentation
@@ -142,6 +143,7 @@ class PatchAugmenter:
         self.thin_scan = thin_scan if thin_scan and thin_scan.get("prob", 0) > 0 else None
         self.gin_prob = float(gin_prob)
         self.enhancement = enhancement if enhancement and enhancement.get("prob", 0) > 0 else None
+        self.spatial_prob = float(spatial_prob)
 
     def draw(self, sampler: PatchSampler, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """A patch of ``sampler``'s cases and its label, augmented; every draw comes from ``rng``."""
@@ -151,7 +153,8 @@ class PatchAugmenter:
             centre = [s + (p - 1) / 2.0 for s, p in zip(start, sampler.patch_size)]
             volume = self._organ_intensities(case.image, case.label, rng)
             image, label = supervised_augment(volume, case.label, centre, sampler.patch_size, rng,
-                                              self.mirror_axes, self.swap, self.lateral_axis, fill=case.fill)
+                                              self.mirror_axes, self.swap, self.lateral_axis, fill=case.fill,
+                                              spatial_prob=self.spatial_prob)
         else:
             image, label, _ = sampler.sample(rng)
             image = intensity_augment(self._organ_intensities(image, label, rng), rng)

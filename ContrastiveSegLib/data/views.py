@@ -757,7 +757,7 @@ def random_intensity_network(image: np.ndarray, rng: np.random.Generator, layers
 def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[float], patch_size: Sequence[int],
                        rng: np.random.Generator, mirror_axes: Sequence[int] = (),
                        swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
-                       fill: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+                       fill: float = 0.0, spatial_prob: float = 0.2) -> Tuple[np.ndarray, np.ndarray]:
     """An augmented training patch of ``patch_size`` centred on voxel ``centre`` of a whole case.
 
     Args:
@@ -769,11 +769,13 @@ def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[fl
         swap: the class permutation of a left-right mirror (None: the identity).
         lateral_axis: the left-right axis of the grid (:func:`left_right_axis`).
         fill: the image value beyond the case's edge (``PreparedCase.fill``).
+        spatial_prob: the probability of a rotation and of a zoom, each; of an elastic deformation, half of it.
 
     Returns:
         ``(image [1, *patch] float32, label [1, *patch] int64)``.
     """
-    draw = draw_supervised_transform(rng, centre, patch_size, mirror_axes=mirror_axes)
+    draw = draw_supervised_transform(rng, centre, patch_size, mirror_axes=mirror_axes, rotation_prob=spatial_prob,
+                                     scale_prob=spatial_prob, elastic_prob=spatial_prob / 2.0)
     transform = draw.transform
     start = np.asarray(centre, dtype=np.float64) - (np.asarray(patch_size) - 1) / 2.0
     unchanged = transform.elastic is None and np.array_equal(transform.matrix, np.eye(3))

@@ -525,3 +525,39 @@ def test_tissue_enhancement_option_reaches_the_enhancing_targets_and_needs_hu():
     config.preprocess.intensity = "percentile"
     with pytest.raises(InputError, match="HU"):
         augmentation_options(config, ["liver"])
+
+
+def test_spatial_prob_sets_how_often_a_patch_is_moved_and_keeps_the_default_draws():
+    """--spatial-prob: 0 gives plain crops, 1 moves every patch; 0.2, nnU-Net's, draws exactly as before."""
+    image, label = _cube_case()
+    image = image + np.linspace(0, 1, image.size, dtype=np.float32).reshape(image.shape)   # no two voxels alike
+    centre, patch = (23.5, 23.5, 19.5), (32, 32, 16)
+    crop = (slice(None), slice(8, 40), slice(8, 40), slice(12, 28))
+    moved = 0
+    for index in range(12):
+        def augment(**kwargs):
+            rng = np.random.default_rng([21, index])
+            return rng, supervised_augment(image, label, centre, patch, rng, **kwargs)
+
+        _, (_, never) = augment(spatial_prob=0.0)
+        np.testing.assert_array_equal(never, label[crop].astype(np.int64))
+        _, (_, always) = augment(spatial_prob=1.0)
+        moved += not np.array_equal(always, label[crop].astype(np.int64))
+        default_rng, (default_image, _) = augment()
+        given_rng, (given_image, _) = augment(spatial_prob=0.2)
+        np.testing.assert_array_equal(default_image, given_image)
+        assert default_rng.random() == given_rng.random()   # the same numbers were drawn
+    assert moved == 12
+
+
+def test_the_spatial_prob_flag_is_a_probability_and_defaults_to_nnunets():
+    from ContrastiveSegLib.cli import _training_config, build_parser
+    from ContrastiveSegLib.errors import InputError
+
+    parser = build_parser()
+    base = ["finetune", "--data", "x", "--labels", "liver", "--out", "y", "--augmentation", "spatial"]
+    assert _training_config(parser.parse_args(base), "finetune").train.spatial_prob == 0.2
+    assert _training_config(parser.parse_args(base + ["--spatial-prob", "0.6"]), "finetune").train.spatial_prob == 0.6
+    with pytest.raises(InputError, match="probability") as raised:
+        _training_config(parser.parse_args(base + ["--spatial-prob", "1.5"]), "finetune")
+    assert raised.value.path == "--spatial-prob"
