@@ -91,6 +91,10 @@ AUGMENTATION_PROBABILITIES = {
     "tissue_enhancement_prob": "enhancing tissue: each patch, with probability P, has its liver, spleen, kidneys, "
                                "... and the walls of its stomach and bowel brightened together by 0-100 HU, for "
                                "scans with intravenous contrast when the training scans have none (CT only)",
+    "organ_filling_prob": "organs that fill and empty: each stomach, gallbladder or bladder of a patch, with "
+                          "probability P, is enlarged or shrunk about its centre (linear factor 0.9-1.6), its "
+                          "neighbours pushed aside, for scans where it holds more or less than in the training "
+                          "scans (with --augmentation spatial)",
     "gin_prob": "random intensity networks (GIN): each patch, with probability P, is mapped through a shallow "
                 "convolutional network of random weights to new intensities and textures, its edges kept, for "
                 "scans from other scanners or contrast phases",

@@ -126,6 +126,11 @@ class TrainConfig:
     # probability, is mapped through a shallow network of random weights to new intensities and textures
     # with its edges kept, so that the network learns shapes rather than one scan's contrast (0: off).
     gin_prob: float = 0.0
+    # Organs that fill and empty (data/views.py, resize_organs): each stomach, gallbladder or bladder among the
+    # targets of a training patch, with this probability, is enlarged or shrunk about its centre by a linear
+    # factor of 0.9-1.6, its neighbours pushed aside, so that a network trained on one scan's collapsed
+    # stomach also knows a distended one (spatial augmentation only; 0: off).
+    organ_filling_prob: float = 0.0
     # The Dice term of the supervised loss (methods/supervised.py): "sample", per patch with background
     # (every run before this option), or "batch", nnU-Net's, summed over the batch, foreground only.
     dice: str = "sample"

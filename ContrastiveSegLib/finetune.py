@@ -108,11 +108,13 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
 
     An InputError if a left/right pair would break under the mirror axes, if an augmentation that works
     in HU (contrast phase, contrast in vessels) or on CT's air (gas) is asked of a normalisation that is
-    not, or if thin scans are asked of a run that fills a scan's ends with air.
+    not, if thin scans are asked of a run that fills a scan's ends with air, or organs resized without the
+    spatial augmentation.
     """
     from .data.preprocess import continued_axes, normalised_range, units_per_hu
     from .data.views import (
         ENHANCING_ORGANS,
+        FILLING_ORGANS,
         HOLLOW_ORGANS,
         VESSELS,
         anterior_axis,
@@ -172,11 +174,19 @@ def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:
                              "and this run fills them with air", path="--thin-scan-prob",
                              fix="use it with --beyond-scan-ends continue, or leave it at 0")
         thin_scan = {"prob": float(config.train.thin_scan_prob), "axis": ends[0]}
+    filling = None
+    if config.train.organ_filling_prob > 0:
+        if config.train.augmentation != "spatial":
+            raise InputError("organs are resized in the spatial augmentation's sampling map, and this run's "
+                             f"augmentation is {config.train.augmentation!r}", path="--organ-filling-prob",
+                             fix="use it with --augmentation spatial (or --recipe few-label), or leave it at 0")
+        filling = {"prob": float(config.train.organ_filling_prob),
+                   "classes": [number for number, name in enumerate(targets, start=1) if name in FILLING_ORGANS]}
     return {"augmentation": config.train.augmentation, "mirror_axes": axes,
             "swap": lateral_swap(targets) if lateral in axes else None, "lateral_axis": lateral,
             "contrast_phase": contrast_phase, "gas": gas, "thin_scan": thin_scan, "vessels": vessels,
             "gin_prob": float(config.train.gin_prob), "enhancement": enhancement,
-            "spatial_prob": float(config.train.spatial_prob)}
+            "spatial_prob": float(config.train.spatial_prob), "filling": filling}
 
 
 def choose_run_postprocessing(config: RunConfig, run: RunFolder, backbone: torch.nn.Module, validate,

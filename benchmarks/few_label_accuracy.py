@@ -132,6 +132,8 @@ VARIANTS = {
     # Each patch rotated and, apart, zoomed with probability 0.5 or 1 (elastic at half), not nnU-Net's 0.2.
     "gas_spatial_vessel_spatialprob05": dict(RECIPE, spatial_prob=0.5),
     "gas_spatial_vessel_spatialprob1": dict(RECIPE, spatial_prob=1.0),
+    # The stomach enlarged or shrunk about its centre (linear 0.9-1.6) in half the patches.
+    "gas_spatial_vessel_filling": dict(RECIPE, organ_filling_prob=0.5),
     # What the Slicer module's CPU settings trained before they took --recipe few-label: the demo's network and
     # grid with finetune's defaults (lr 1e-4, no warm-up, intensity augmentation, 67 % of patches on organs).
     "slicer_cpu_before": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
@@ -167,7 +169,7 @@ def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_
     config.train.gin_prob = settings.get("gin_prob", 0.0)
     config.train.tissue_enhancement_prob = settings.get("tissue_enhancement_prob", 0.0)
     config.train.average_weights_from = settings.get("average_weights_from", 0.0)
-    for name in ("lr", "warmup_steps", "foreground_ratio", "batch_size", "spatial_prob"):   # the demo's unless the variant says otherwise
+    for name in ("lr", "warmup_steps", "foreground_ratio", "batch_size", "spatial_prob", "organ_filling_prob"):   # the demo's unless the variant says otherwise
         if name in settings:
             setattr(config.train, name, settings[name])
     config.preprocess.beyond_scan_ends = settings.get("beyond_scan_ends", "air")

@@ -18,9 +18,12 @@ from torch.utils.data import Dataset, Sampler
 
 from .preprocess import PreparedCase
 from .views import (
+    FILLING_SIZE,
     contrast_phase_shift,
+    draw_organ_sizes,
     hollow_organ_gas,
     intensity_augment,
+    organ_geometry,
     random_intensity_network,
     supervised_augment,
     thin_scan_slab,
@@ -123,14 +126,16 @@ class PatchAugmenter:
     :func:`~.views.tissue_enhancement` (None: off), after the vessels and before the gas.  ``gin_prob``:
     the probability of :func:`~.views.random_intensity_network` (GIN), after the intensity augmentations
     and before the thin-scan slab.  ``spatial_prob``: the probability of a rotation and of a zoom in
-    ``"spatial"`` (elastic deformation at half of it).
+    ``"spatial"`` (elastic deformation at half of it).  ``filling``: ``{"prob", "classes"}`` (and optionally
+    ``"size_range"``) for :func:`~.views.draw_organ_sizes` (None: off), ``"spatial"`` only: each organ that
+    fills and empties, with ``prob``, resized about its centre in the patch's sampling map.
     """
 
     def __init__(self, augmentation: str = "intensity", mirror_axes: Sequence[int] = (),
                  swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
                  contrast_phase: Optional[dict] = None, gas: Optional[dict] = None,
                  thin_scan: Optional[dict] = None, vessels: Optional[dict] = None, gin_prob: float = 0.0,
-                 enhancement: Optional[dict] = None, spatial_prob: float = 0.2):
+                 enhancement: Optional[dict] = None, spatial_prob: float = 0.2, filling: Optional[dict] = None):
         if augmentation not in ("intensity", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}: 'intensity' or 'spatial'")
         self.augmentation = augmentation
@@ -144,6 +149,8 @@ class PatchAugmenter:
         self.gin_prob = float(gin_prob)
         self.enhancement = enhancement if enhancement and enhancement.get("prob", 0) > 0 else None
         self.spatial_prob = float(spatial_prob)
+        self.filling = filling if filling and filling.get("prob", 0) > 0 and filling.get("classes") else None
+        self._geometry: Dict[int, dict] = {}   # case index -> organ_geometry of its filling organs
 
     def draw(self, sampler: PatchSampler, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """A patch of ``sampler``'s cases and its label, augmented; every draw comes from ``rng``."""
@@ -152,9 +159,16 @@ class PatchAugmenter:
             case = sampler.cases[case_index]
             centre = [s + (p - 1) / 2.0 for s, p in zip(start, sampler.patch_size)]
             volume = self._organ_intensities(case.image, case.label, rng)
+            resizes, spacing = (), (1.0, 1.0, 1.0)
+            if self.filling is not None and case.label is not None:
+                spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(case.affine)[:3, :3], axis=0))
+                if case_index not in self._geometry:
+                    self._geometry[case_index] = organ_geometry(case.label, self.filling["classes"], spacing)
+                resizes = draw_organ_sizes(rng, self._geometry[case_index], self.filling["classes"],
+                                           self.filling["prob"], self.filling.get("size_range", FILLING_SIZE))
             image, label = supervised_augment(volume, case.label, centre, sampler.patch_size, rng,
                                               self.mirror_axes, self.swap, self.lateral_axis, fill=case.fill,
-                                              spatial_prob=self.spatial_prob)
+                                              spatial_prob=self.spatial_prob, resizes=resizes, spacing=spacing)
         else:
             image, label, _ = sampler.sample(rng)
             image = intensity_augment(self._organ_intensities(image, label, rng), rng)

@@ -20,7 +20,7 @@ transform from it), so a sample is reproducible from its ``(seed, index)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -523,6 +523,63 @@ def hollow_organ_gas(image: np.ndarray, label: np.ndarray, rng: np.random.Genera
     return image if out is None else out
 
 
+# Organs that fill and empty.  How much a stomach, gallbladder or bladder holds changes from scan to scan,
+# and their size with it (a stomach from a collapsed hundred millilitres to a distended litre); a network
+# trained on one scan sees each of them at one size only.  A linear factor drawn from FILLING_SIZE enlarges
+# (or shrinks) the organ about its centre and pushes its neighbours aside, in the image and the label alike.
+FILLING_ORGANS = ("stomach", "gallbladder", "urinary_bladder")
+FILLING_SIZE = (0.9, 1.6)
+
+
+def organ_geometry(label: np.ndarray, classes: Sequence[int], spacing: Sequence[float]) -> Dict[int, Tuple[np.ndarray, float]]:
+    """``{class: (centre, radius)}`` of each of ``classes`` present in a case's ``label [1, X, Y, Z]``: its
+    centre of mass in voxels and the radius in mm of the sphere of its volume (``spacing``: mm per voxel)."""
+    geometry = {}
+    for value in classes:
+        voxels = np.argwhere(label[0] == value)
+        if len(voxels):
+            volume = len(voxels) * float(np.prod(np.asarray(spacing, dtype=np.float64)))
+            geometry[int(value)] = (voxels.mean(axis=0), float((3.0 * volume / (4.0 * np.pi)) ** (1.0 / 3.0)))
+    return geometry
+
+
+def draw_organ_sizes(rng: np.random.Generator, geometry: Dict[int, Tuple[np.ndarray, float]], classes: Sequence[int],
+                     prob: float, size_range: Tuple[float, float] = FILLING_SIZE) -> list:
+    """``[(centre, radius, factor)]`` for the organs of ``geometry`` resized in this patch.
+
+    Each of ``classes``, in their order, draws a coin and a factor whether present or not (one generator
+    state gives one result); it is resized when present and the coin falls below ``prob``.
+    """
+    resizes = []
+    for value in classes:
+        coin, factor = rng.random(), rng.uniform(*size_range)
+        if int(value) in geometry and coin < prob:
+            centre, radius = geometry[int(value)]
+            resizes.append((centre, radius, float(factor)))
+    return resizes
+
+
+def resize_organs(source, resizes: Sequence[Tuple[np.ndarray, float, float]], spacing: Sequence[float]):
+    """The sampling map ``source [X, Y, Z, 3]`` (input voxels) with each of ``resizes`` applied.
+
+    For an organ of centre ``c``, radius ``R`` (mm) and factor ``f``, a point at distance ``r`` (mm) from
+    ``c`` samples the point ``c + (q - c) / k(r)``: ``k = f`` within ``f R`` (the organ, zoomed by ``f``),
+    falling smoothly (half a cosine) to 1 at ``2 f R``, and 1 beyond (nothing moves there).  ``r / k(r)``
+    grows with ``r`` for the factors used here, so the map never folds: the neighbours are pushed aside, not
+    torn.  Distances are in mm, so an organ grows alike along every axis of an anisotropic grid.
+    """
+    import torch
+
+    scale = torch.tensor([float(v) for v in spacing], dtype=source.dtype)
+    for centre, radius, factor in resizes:
+        c = torch.tensor(np.asarray(centre, dtype=np.float32), dtype=source.dtype)
+        inner, outer = factor * radius, 2.0 * factor * radius
+        r = torch.linalg.vector_norm((source - c) * scale, dim=-1, keepdim=True)
+        weight = 0.5 * (1.0 + torch.cos(np.pi * ((r - inner) / (outer - inner)).clamp(0.0, 1.0)))
+        source = c + (source - c) / (1.0 + (factor - 1.0) * weight)
+    return source
+
+
 # The thinnest scan thin_scan_slab simulates, as a share of the patch along the body's long axis.
 THIN_SCAN_MIN_SHARE = 0.125
 
@@ -757,7 +814,8 @@ def random_intensity_network(image: np.ndarray, rng: np.random.Generator, layers
 def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[float], patch_size: Sequence[int],
                        rng: np.random.Generator, mirror_axes: Sequence[int] = (),
                        swap: Optional[np.ndarray] = None, lateral_axis: int = 0,
-                       fill: float = 0.0, spatial_prob: float = 0.2) -> Tuple[np.ndarray, np.ndarray]:
+                       fill: float = 0.0, spatial_prob: float = 0.2, resizes: Sequence = (),
+                       spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Tuple[np.ndarray, np.ndarray]:
     """An augmented training patch of ``patch_size`` centred on voxel ``centre`` of a whole case.
 
     Args:
@@ -770,6 +828,7 @@ def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[fl
         lateral_axis: the left-right axis of the grid (:func:`left_right_axis`).
         fill: the image value beyond the case's edge (``PreparedCase.fill``).
         spatial_prob: the probability of a rotation and of a zoom, each; of an elastic deformation, half of it.
+        resizes: organs resized about their centres (:func:`draw_organ_sizes`), on a grid of ``spacing`` mm.
 
     Returns:
         ``(image [1, *patch] float32, label [1, *patch] int64)``.
@@ -778,14 +837,14 @@ def supervised_augment(image: np.ndarray, label: np.ndarray, centre: Sequence[fl
                                      scale_prob=spatial_prob, elastic_prob=spatial_prob / 2.0)
     transform = draw.transform
     start = np.asarray(centre, dtype=np.float64) - (np.asarray(patch_size) - 1) / 2.0
-    unchanged = transform.elastic is None and np.array_equal(transform.matrix, np.eye(3))
+    unchanged = transform.elastic is None and np.array_equal(transform.matrix, np.eye(3)) and not resizes
     inside = np.all(start >= 0) and np.all(start + np.asarray(patch_size) <= np.asarray(image.shape[1:]))
     if unchanged and inside and np.allclose(start, np.rint(start)):
         # No spatial change: a plain crop is exact and cheaper than resampling.
         box = (slice(None),) + tuple(slice(int(round(b)), int(round(b)) + int(p)) for b, p in zip(start, patch_size))
         patch_image, patch_label = image[box].astype(np.float32), label[box]
     else:
-        source = transform.source_coordinates(patch_size)
+        source = resize_organs(transform.source_coordinates(patch_size), resizes, spacing)
         patch_image = resample_region(image, source, "bilinear", fill)
         patch_label = resample_region(label, source, "nearest")
     patch_label = patch_label.astype(np.int64)

@@ -561,3 +561,91 @@ def test_the_spatial_prob_flag_is_a_probability_and_defaults_to_nnunets():
     with pytest.raises(InputError, match="probability") as raised:
         _training_config(parser.parse_args(base + ["--spatial-prob", "1.5"]), "finetune")
     assert raised.value.path == "--spatial-prob"
+
+
+def _sphere_case(shape=(48, 48, 48), centre=(24.0, 22.0, 25.0), radius=7.0):
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), axis=-1)
+    inside = np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius
+    return inside[None].astype(np.float32), inside[None].astype(np.uint8)
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.6])
+def test_a_filling_organ_is_resized_about_its_centre_with_its_label(factor):
+    from ContrastiveSegLib.data.views import organ_geometry
+
+    image, label = _sphere_case()
+    spacing = (2.0, 2.0, 2.0)
+    (centre, radius), = organ_geometry(label, [1], spacing).values()
+    np.testing.assert_allclose(centre, (24.0, 22.0, 25.0), atol=1e-6)
+    assert radius == pytest.approx(14.0, rel=0.03)   # the sphere of its volume, in mm
+    patch = (40, 40, 40)
+    image_out, label_out = supervised_augment(image, label, centre, patch, np.random.default_rng(1), spatial_prob=0.0,
+                                              resizes=[(centre, radius, factor)], spacing=spacing)
+    assert label_out.sum() / label.sum() == pytest.approx(factor ** 3, rel=0.1)
+    on_label = label_out[0] == 1
+    # The image moved with the label: linear intensities agree with nearest labels up to the sphere's rim.
+    assert (image_out[0][on_label] >= 0.5 - 1e-4).mean() > 0.97
+    assert (image_out[0][~on_label] <= 0.5 + 1e-4).mean() > 0.99
+    found = np.argwhere(on_label).mean(axis=0) + (np.asarray(centre) - (np.asarray(patch) - 1) / 2.0)
+    np.testing.assert_allclose(found, centre, atol=0.5)
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.6])
+def test_resizing_an_organ_never_folds_and_leaves_far_tissue_in_place(factor):
+    import torch
+
+    from ContrastiveSegLib.data.views import resize_organs
+
+    centre, radius, spacing = np.array([10.0, 10.0, 10.0]), 6.0, (1.0, 1.0, 3.0)
+    direction = torch.tensor([0.6, 0.0, 0.8 / 3.0])   # a ray, in voxels of the anisotropic grid
+    steps = torch.linspace(0.0, 40.0, 801)[:, None]
+    ray = torch.tensor(centre, dtype=torch.float32) + steps * direction
+    moved = resize_organs(ray, [(centre, radius, factor)], spacing)
+    distance = torch.linalg.vector_norm((moved - torch.tensor(centre, dtype=torch.float32))
+                                        * torch.tensor(spacing), dim=-1)
+    assert torch.all(distance[1:] > distance[:-1])   # monotone along the ray: no fold
+    along = torch.linalg.vector_norm((ray - torch.tensor(centre, dtype=torch.float32)) * torch.tensor(spacing), dim=-1)
+    far = along >= 2.0 * factor * radius
+    assert far.any() and torch.allclose(moved[far], ray[far])
+    near = along <= factor * radius
+    assert torch.allclose(distance[near], along[near] / factor, atol=1e-4)
+
+
+def test_organ_sizes_are_drawn_for_every_class_and_only_present_ones_resized():
+    from ContrastiveSegLib.data.views import draw_organ_sizes
+
+    geometry = {3: (np.zeros(3), 10.0)}
+    first, second = np.random.default_rng(4), np.random.default_rng(4)
+    assert draw_organ_sizes(first, geometry, [2, 3], prob=0.0) == []
+    resized = draw_organ_sizes(second, geometry, [2, 3], prob=1.0)
+    assert len(resized) == 1 and resized[0][1] == 10.0 and 0.9 <= resized[0][2] <= 1.6
+    assert first.random() == second.random()   # the same numbers were drawn, resized or not
+
+
+def test_organ_filling_is_off_by_default_and_asks_for_the_spatial_augmentation():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.errors import InputError
+    from ContrastiveSegLib.finetune import augmentation_options
+
+    config = RunConfig()
+    assert config.train.organ_filling_prob == 0.0 and augmentation_options(config, ["stomach"])["filling"] is None
+    config.train.organ_filling_prob = 0.5
+    with pytest.raises(InputError, match="spatial") as raised:
+        augmentation_options(config, ["stomach"])
+    assert raised.value.path == "--organ-filling-prob"
+    config.train.augmentation = "spatial"
+    assert augmentation_options(config, ["liver", "stomach"])["filling"] == {"prob": 0.5, "classes": [2]}
+
+
+def test_organ_filling_changes_only_patches_with_the_organ_and_keeps_draws_without_it():
+    image, label = _sphere_case(shape=(64, 64, 40), centre=(20.0, 30.0, 20.0), radius=6.0)
+    cases = [PreparedCase("sphere", image, label, np.diag([2.0, 2.0, 2.0, 1.0]))]
+    plain = _dataset(cases, length=8)
+    off = _dataset(cases, length=8, filling={"prob": 0.0, "classes": [1]})
+    on = _dataset(cases, length=8, filling={"prob": 1.0, "classes": [1], "size_range": (1.5, 1.5)})
+    plain_voxels = on_voxels = 0
+    for index in range(8):
+        np.testing.assert_array_equal(plain[index]["image"].numpy(), off[index]["image"].numpy())
+        plain_voxels += int(plain[index]["label"].sum())
+        on_voxels += int(on[index]["label"].sum())
+    assert on_voxels > 2.0 * plain_voxels   # 1.5 x larger each way: about 3.4 x the volume where it is whole
