@@ -129,9 +129,8 @@ VARIANTS = {
     "gas_spatial_vessel_lr1e3": dict(RECIPE, lr=1e-3),
     "gas_spatial_vessel_lr1e2": dict(RECIPE, lr=1e-2),
     "gas_spatial_vessel_batch4": dict(RECIPE, batch_size=4),
-    # Each patch rotated and, apart, zoomed with probability 0.5 or 1 (elastic at half), not nnU-Net's 0.2.
+    # Each patch rotated and, apart, zoomed with probability 0.5 (elastic at half), not nnU-Net's 0.2.
     "gas_spatial_vessel_spatialprob05": dict(RECIPE, spatial_prob=0.5),
-    "gas_spatial_vessel_spatialprob1": dict(RECIPE, spatial_prob=1.0),
     # The stomach enlarged or shrunk about its centre (linear 0.9-1.6) in half the patches.
     "gas_spatial_vessel_filling": dict(RECIPE, organ_filling_prob=0.5),
     # What the Slicer module's CPU settings trained before they took --recipe few-label: the demo's network and
