@@ -150,7 +150,7 @@ class PatchAugmenter:
         self.enhancement = enhancement if enhancement and enhancement.get("prob", 0) > 0 else None
         self.spatial_prob = float(spatial_prob)
         self.filling = filling if filling and filling.get("prob", 0) > 0 and filling.get("classes") else None
-        self._geometry: Dict[int, dict] = {}   # case index -> organ_geometry of its filling organs
+        self._geometry: Dict[int, Dict[int, tuple]] = {}   # case index -> organ_geometry of its filling organs
 
     def draw(self, sampler: PatchSampler, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """A patch of ``sampler``'s cases and its label, augmented; every draw comes from ``rng``."""
