@@ -133,6 +133,9 @@ VARIANTS = {
     "gas_spatial_vessel_spatialprob05": dict(RECIPE, spatial_prob=0.5),
     # The stomach enlarged or shrunk about its centre (linear 0.9-1.6) in half the patches.
     "gas_spatial_vessel_filling": dict(RECIPE, organ_filling_prob=0.5),
+    # A second labelled patient: the abdominal MR of the TotalSegmentator files, in CT-like units (see
+    # mr_training_dataset); needs --mr-root.
+    "gas_spatial_vessel_mr": dict(RECIPE, second_scan="mr"),
     # What the Slicer module's CPU settings trained before they took --recipe few-label: the demo's network and
     # grid with finetune's defaults (lr 1e-4, no warm-up, intensity augmentation, 67 % of patches on organs).
     "slicer_cpu_before": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
@@ -142,8 +145,63 @@ VARIANTS = {
 }
 
 
-def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_lr_scale=None):
+MR_IMAGE, MR_LABEL = "example_mr_sm.nii.gz", "example_seg_mr.nii.gz"
+
+
+def mr_training_dataset(mr_root: str, out: str) -> str:
+    """The abdominal MR of ``mr_root/totalsegmentator`` as a second labelled training scan in CT-like units.
+
+    A patient neither A nor B (an MR series, 3 mm, 20 slices), labelled like A by TotalSegmentator (its MR
+    model).  The recipe's network reads Hounsfield units, so the MR is mapped linearly onto them the way
+    nnU-Net normalises each modality: the MR's intensities inside the demo's four organs (clipped to their
+    0.5-99.5 percentiles) get the mean and standard deviation that patient A's HU values have inside the same
+    organs.  Organs keep their MR contrast (its liver is brighter than its spleen; fat is bright): a second
+    anatomy, not a second CT.  Writes ``out/mr/`` (image, label, ``dataset.json``) once; returns the dataset.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ContrastiveSegLib.data.catalog import load_datasets
+    from ContrastiveSegLib.data.preprocess import intensity_statistics
+    from ContrastiveSegLib.demo import DEMO_ORGANS
+
+    folder = os.path.join(out, "mr")
+    dataset = os.path.join(folder, "dataset.json")
+    if os.path.exists(dataset):
+        return dataset
+    source = os.path.join(mr_root, "totalsegmentator")
+    with open(os.path.join(source, "labels_total_mr.json"), encoding="utf-8") as handle:
+        names = json.load(handle)
+    image = sitk.ReadImage(os.path.join(source, MR_IMAGE), sitk.sitkFloat32)
+    label = sitk.ReadImage(os.path.join(source, MR_LABEL))
+    values, labels = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
+    organs = np.isin(labels, [int(k) for k, name in names.items() if name in DEMO_ORGANS])
+    patient_a = load_datasets([os.path.join(ROOT, "ContrastiveSegLib", "sample_data", "dataset.json")])[0].cases
+    a_stats = intensity_statistics(patient_a, DEMO_ORGANS)
+    mr_stats = intensity_statistics([(values, organs)])
+    hu = (values - mr_stats["mean"]) / mr_stats["std"] * a_stats["std"] + a_stats["mean"]
+    converted = sitk.GetImageFromArray(np.round(hu).astype(np.int16))
+    converted.CopyInformation(image)
+    os.makedirs(folder, exist_ok=True)
+    sitk.WriteImage(converted, os.path.join(folder, "image.nii.gz"))
+    sitk.WriteImage(label, os.path.join(folder, "label.nii.gz"))
+    with open(dataset, "w", encoding="utf-8") as handle:
+        json.dump({"name": "abdominal MR in CT-like units",
+                   "description": f"{MR_IMAGE} mapped linearly so that its four organs' mean and standard deviation "
+                                  f"({mr_stats['mean']:.1f}, {mr_stats['std']:.1f}) become patient A's in HU "
+                                  f"({a_stats['mean']:.1f}, {a_stats['std']:.1f}); labels {MR_LABEL}",
+                   "reference": "TotalSegmentator test data, Apache-2.0", "modality": {"0": "CT"},
+                   "labels": {"0": "background", **names},
+                   "training": [{"image": "image.nii.gz", "label": "label.nii.gz"}]}, handle, indent=1)
+    return dataset
+
+
+def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_lr_scale=None,
+                   second_dataset: str = ""):
     """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A.
+
+    ``second_dataset``: a dataset trained on with patient A's (``mr_training_dataset``), for the variants
+    whose ``second_scan`` asks for one.
 
     ``init``: a pre-training checkpoint to start from (``finetune --init``; the encoder at
     ``encoder_lr_scale`` x lr; None: ``finetune``'s default of 0.1, which every ``--init`` run of the docs
@@ -178,12 +236,16 @@ def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_
     config.train.val_every = 0
     config.train.checkpoint_every = 0
     config.data.val_datasets = []
+    if settings.get("second_scan"):
+        if not second_dataset:
+            raise ValueError(f"variant {variant} trains on a second scan: give its dataset (--mr-root)")
+        config.data.datasets = list(config.data.datasets) + [second_dataset]
     config.postprocess.choose_on = "training"
     return config
 
 
 def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, init: str = "",
-            encoder_lr_scale=None) -> dict:
+            encoder_lr_scale=None, second_dataset: str = "") -> dict:
     """Train one variant with one seed into ``out``, score every row; the result as a dict."""
     import warnings
 
@@ -197,7 +259,8 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, ini
         torch.set_num_threads(threads)
     run_dir = os.path.join(out, "run")
     started = time.perf_counter()
-    run_finetune(variant_config(variant, seed, steps, init, encoder_lr_scale), run_dir, progress=False)
+    run_finetune(variant_config(variant, seed, steps, init, encoder_lr_scale, second_dataset), run_dir,
+                 progress=False)
     train_seconds = time.perf_counter() - started
     model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
     rows = score_rows(model, variant, out)
@@ -467,6 +530,10 @@ def main() -> int:
                              "selftrain_none); needs --unlabeled-root")
     parser.add_argument("--unlabeled-root", metavar="DATA",
                         help="with --selftrain-from: the data folder whose lidc/ holds lidc_0001-0003.nii.gz")
+    parser.add_argument("--mr-root", metavar="DATA",
+                        help="for the variants that train on a second scan (gas_spatial_vessel_mr): the data folder "
+                             f"whose totalsegmentator/ holds {MR_IMAGE} and {MR_LABEL}")
+    parser.add_argument("--second-dataset", default="", help=argparse.SUPPRESS)
     parser.add_argument("--one-selftrain", nargs=2, metavar=("RUN", "ARM"), help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -501,7 +568,8 @@ def main() -> int:
         variant, seed = args.one[0], int(args.one[1])
         folder = os.path.join(out, f"{variant}-seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads, args.init, args.encoder_lr_scale)))
+        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads, args.init, args.encoder_lr_scale,
+                                 args.second_dataset)))
         return 0
     os.makedirs(out, exist_ok=True)
     results = []
@@ -518,6 +586,12 @@ def main() -> int:
             baselines[int(os.path.basename(os.path.dirname(run_dir)).rsplit("-seed", 1)[1])] = run_dir
         seeds = [seed for seed in seeds if seed in baselines]
         variants = list(SELFTRAIN_ARMS)
+    second_dataset = ""
+    if any(VARIANTS.get(variant, {}).get("second_scan") for variant in variants):
+        if not args.mr_root or not all(os.path.exists(os.path.join(args.mr_root, "totalsegmentator", name))
+                                       for name in (MR_IMAGE, MR_LABEL)):
+            parser.error(f"--mr-root must be a folder whose totalsegmentator/ holds {MR_IMAGE} and {MR_LABEL}")
+        second_dataset = mr_training_dataset(os.path.abspath(args.mr_root), out)
     lock = threading.Lock()
     report = {}
 
@@ -528,6 +602,8 @@ def main() -> int:
                        str(args.steps), "--out", out, "--threads", str(args.threads), "--init", args.init]
             if args.encoder_lr_scale is not None:
                 command += ["--encoder-lr-scale", str(args.encoder_lr_scale)]
+            if second_dataset:
+                command += ["--second-dataset", second_dataset]
             if baselines:
                 command = [sys.executable, os.path.abspath(__file__), "--one-selftrain", baselines[seed], variant,
                            "--steps", str(args.steps), "--out", out, "--threads", str(args.threads),
