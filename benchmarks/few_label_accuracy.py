@@ -136,6 +136,9 @@ VARIANTS = {
     # A second labelled patient: the abdominal MR of the TotalSegmentator files, in CT-like units (see
     # mr_training_dataset); needs --mr-root.
     "gas_spatial_vessel_mr": dict(RECIPE, second_scan="mr"),
+    # The positive control of a second scan, not a result: patient B itself, the test patient, trained on with
+    # A. A benchmark that cannot turn a second scan into Dice on B would show no gain here either.
+    "gas_spatial_vessel_oracle_b": dict(RECIPE, second_scan="patient_b"),
     # What the Slicer module's CPU settings trained before they took --recipe few-label: the demo's network and
     # grid with finetune's defaults (lr 1e-4, no warm-up, intensity augmentation, 67 % of patches on organs).
     "slicer_cpu_before": {"intensity": "ct_window", "augmentation": "intensity", "mirror_axes": (), "patch": OLD_PATCH,
@@ -587,7 +590,12 @@ def main() -> int:
         seeds = [seed for seed in seeds if seed in baselines]
         variants = list(SELFTRAIN_ARMS)
     second_dataset = ""
-    if any(VARIANTS.get(variant, {}).get("second_scan") for variant in variants):
+    second_scans = {VARIANTS.get(variant, {}).get("second_scan") for variant in variants} - {None}
+    if len(second_scans) > 1:
+        parser.error(f"variants with different second scans ({', '.join(sorted(second_scans))}): run them apart")
+    if second_scans == {"patient_b"}:
+        second_dataset = os.path.join(ROOT, "ContrastiveSegLib", "sample_data", "heldout", "dataset.json")
+    elif second_scans == {"mr"}:
         if not args.mr_root or not all(os.path.exists(os.path.join(args.mr_root, "totalsegmentator", name))
                                        for name in (MR_IMAGE, MR_LABEL)):
             parser.error(f"--mr-root must be a folder whose totalsegmentator/ holds {MR_IMAGE} and {MR_LABEL}")
