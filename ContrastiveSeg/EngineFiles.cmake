@@ -102,4 +102,7 @@ set(CONTRASTIVESEG_ENGINE_RESOURCES
   ContrastiveSegLib/sample_data/heldout/ct_dicom/CT.1.3.12.2.1107.5.1.4.60064.30000022120808113428000016592
   ContrastiveSegLib/sample_data/heldout/ct_dicom_labels.nii.gz
   ContrastiveSegLib/sample_data/heldout/dataset.json
+  ContrastiveSegLib/sample_data/mr/abdomen_mr.nii.gz
+  ContrastiveSegLib/sample_data/mr/abdomen_mr_labels.nii.gz
+  ContrastiveSegLib/sample_data/mr/dataset.json
   )

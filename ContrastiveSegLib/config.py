@@ -60,6 +60,10 @@ class PreprocessConfig:
     # ct_zscore: {"clip_low", "clip_high", "mean", "std", "voxels"} in HU, computed once per run from the
     # training cases (data.preprocess.intensity_statistics) and reused by predict and validation.
     intensity_stats: Optional[Dict[str, float]] = None
+    # A training case of another modality than CT (an MR dataset: "modality": {"0": "MR"}) in a CT run is mapped
+    # linearly onto HU so that the mean and standard deviation of its labelled organs become these, the CT
+    # training cases' ({"mean", "std", "voxels"} in HU, data.preprocess.ct_units); None: no such case.
+    ct_units_reference: Optional[Dict[str, float]] = None
     # What a sliding window sees past the ends of a scan thinner than the patch along the body's long axis
     # (the S-I axis of `orientation`): "continue" repeats the end slices, since the body goes on beyond a
     # scan's first and last slice; "air" fills with padding_value (runs saved before this setting existed,

@@ -90,17 +90,29 @@ def make_validator(cases: Sequence[PreparedCase], targets: Sequence[str], patch_
 
 
 def prepare_intensity_statistics(config: RunConfig, train_cases: Sequence[Case], targets: Sequence[str]) -> None:
-    """For ``ct_zscore``: compute the training cases' foreground HU statistics once and keep them in ``config``.
+    """Compute, once, the CT training cases' foreground HU statistics a run needs and keep them in ``config``.
 
-    A resumed run already has them in its saved config and keeps those.
+    ``ct_zscore`` normalises with them; in a CT run with training cases of another modality (MR), those
+    cases are brought onto the CT cases' HU scale (``preprocess.ct_units_reference``,
+    ``data.preprocess.ct_units``).  Only CT cases count: an MR's intensities are not HU.  A resumed run
+    already has them in its saved config and keeps those.
     """
     from .data.preprocess import intensity_statistics
 
     preprocess = config.preprocess
+    ct_cases = [case for case in train_cases if case.is_ct()]
+    other = sorted({case.modality for case in train_cases if not case.is_ct()})
+    if preprocess.is_ct() and other and not ct_cases:
+        raise InputError(f"every training case is {' or '.join(other)}, and --intensity {preprocess.intensity} "
+                         "is for CT", path="--data",
+                         fix="add a labelled CT to bring them onto its HU scale, or use --intensity percentile")
     if preprocess.intensity == "ct_zscore" and not preprocess.intensity_stats:
-        preprocess.intensity_stats = intensity_statistics(train_cases, targets,
+        preprocess.intensity_stats = intensity_statistics(ct_cases, targets,
                                                           percentiles=preprocess.zscore_percentiles,
                                                           seed=config.train.seed)
+    if preprocess.is_ct() and other and not preprocess.ct_units_reference:
+        stats = intensity_statistics(ct_cases, targets, seed=config.train.seed)
+        preprocess.ct_units_reference = {key: stats[key] for key in ("mean", "std", "voxels")}
 
 
 def augmentation_options(config: RunConfig, targets: Sequence[str]) -> dict:

@@ -152,50 +152,23 @@ MR_IMAGE, MR_LABEL = "example_mr_sm.nii.gz", "example_seg_mr.nii.gz"
 
 
 def mr_training_dataset(mr_root: str, out: str) -> str:
-    """The abdominal MR of ``mr_root/totalsegmentator`` as a second labelled training scan in CT-like units.
+    """The abdominal MR of ``mr_root/totalsegmentator`` as a second labelled training scan: its dataset.json.
 
     A patient neither A nor B (an MR series, 3 mm, 20 slices), labelled like A by TotalSegmentator (its MR
-    model).  The recipe's network reads Hounsfield units, so the MR is mapped linearly onto them the way
-    nnU-Net normalises each modality: the MR's intensities inside the demo's four organs (clipped to their
-    0.5-99.5 percentiles) get the mean and standard deviation that patient A's HU values have inside the same
-    organs.  Organs keep their MR contrast (its liver is brighter than its spleen; fat is bright): a second
-    anatomy, not a second CT.  Writes ``out/mr/`` (image, label, ``dataset.json``) once; returns the dataset.
+    model).  The dataset says ``"modality": {"0": "MR"}``, so ``finetune`` brings it onto patient A's HU
+    scale (``data.preprocess.ct_units``).  Writes ``out/mr/dataset.json`` (the files stay where they are).
     """
-    import numpy as np
-    import SimpleITK as sitk
-
-    from ContrastiveSegLib.data.catalog import load_datasets
-    from ContrastiveSegLib.data.preprocess import intensity_statistics
-    from ContrastiveSegLib.demo import DEMO_ORGANS
-
     folder = os.path.join(out, "mr")
     dataset = os.path.join(folder, "dataset.json")
-    if os.path.exists(dataset):
-        return dataset
-    source = os.path.join(mr_root, "totalsegmentator")
+    source = os.path.join(os.path.abspath(mr_root), "totalsegmentator")
     with open(os.path.join(source, "labels_total_mr.json"), encoding="utf-8") as handle:
         names = json.load(handle)
-    image = sitk.ReadImage(os.path.join(source, MR_IMAGE), sitk.sitkFloat32)
-    label = sitk.ReadImage(os.path.join(source, MR_LABEL))
-    values, labels = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
-    organs = np.isin(labels, [int(k) for k, name in names.items() if name in DEMO_ORGANS])
-    patient_a = load_datasets([os.path.join(ROOT, "ContrastiveSegLib", "sample_data", "dataset.json")])[0].cases
-    a_stats = intensity_statistics(patient_a, DEMO_ORGANS)
-    mr_stats = intensity_statistics([(values, organs)])
-    hu = (values - mr_stats["mean"]) / mr_stats["std"] * a_stats["std"] + a_stats["mean"]
-    converted = sitk.GetImageFromArray(np.round(hu).astype(np.int16))
-    converted.CopyInformation(image)
     os.makedirs(folder, exist_ok=True)
-    sitk.WriteImage(converted, os.path.join(folder, "image.nii.gz"))
-    sitk.WriteImage(label, os.path.join(folder, "label.nii.gz"))
     with open(dataset, "w", encoding="utf-8") as handle:
-        json.dump({"name": "abdominal MR in CT-like units",
-                   "description": f"{MR_IMAGE} mapped linearly so that its four organs' mean and standard deviation "
-                                  f"({mr_stats['mean']:.1f}, {mr_stats['std']:.1f}) become patient A's in HU "
-                                  f"({a_stats['mean']:.1f}, {a_stats['std']:.1f}); labels {MR_LABEL}",
-                   "reference": "TotalSegmentator test data, Apache-2.0", "modality": {"0": "CT"},
-                   "labels": {"0": "background", **names},
-                   "training": [{"image": "image.nii.gz", "label": "label.nii.gz"}]}, handle, indent=1)
+        json.dump({"name": "totalsegmentator_mr", "reference": "TotalSegmentator test data, Apache-2.0",
+                   "modality": {"0": "MR"}, "labels": {"0": "background", **names},
+                   "training": [{"image": os.path.join(source, MR_IMAGE),
+                                 "label": os.path.join(source, MR_LABEL)}]}, handle, indent=1)
     return dataset
 
 

@@ -51,6 +51,12 @@ class Case:
     dataset: str
     label_map: Dict[str, List[Union[int, str]]] = field(default_factory=dict)
     attributes: Dict[str, str] = field(default_factory=dict)
+    # The imaging modality, from the dataset.json's "modality" (its first channel): "CT" (in HU, the default)
+    # or another name such as "MR", whose intensities have no fixed unit (see data.preprocess.ct_units).
+    modality: str = "CT"
+
+    def is_ct(self) -> bool:
+        return self.modality == "CT"
 
 
 @dataclass
@@ -117,6 +123,7 @@ def _load_dataset_json(path: str, require_labels: bool) -> Dataset:
         raise InputError("does not hold a JSON object", path=path)
     name = _safe_name(str(meta.get("name") or os.path.basename(root)))
     label_map = parse_label_map(meta.get("labels"), path) if (require_labels or "labels" in meta) else {}
+    modality = _modality(meta.get("modality", meta.get("channel_names")), path)
     pairs: List[tuple] = []
     if "training" in meta:
         entries = meta["training"]
@@ -147,7 +154,20 @@ def _load_dataset_json(path: str, require_labels: bool) -> Dataset:
             pairs.append((os.path.join(images_dir, filename), label if os.path.exists(label) else None, {}))
         if not pairs:
             raise InputError(f"imagesTr/ has no files named <case>_0000{ending}", path=images_dir)
-    return _make_dataset(name, path, label_map, pairs, require_labels)
+    return _make_dataset(name, path, label_map, pairs, require_labels, modality)
+
+
+def _modality(value, path: str) -> str:
+    """A dataset.json's ``"modality"`` (MSD: ``{"0": "CT"}``) or ``"channel_names"`` (nnU-Net v2): its first
+    channel's name, ``"CT"`` in any case spelling or when absent, else the name as written (``"MR"``, ``"T2"``)."""
+    if value is None:
+        return "CT"
+    if isinstance(value, dict) and value:
+        value = value[sorted(value, key=str)[0]]
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"has a 'modality' that is not a name ({value!r})", path=path,
+                         fix='write "modality": {"0": "CT"} (or "MR")')
+    return "CT" if value.strip().upper() == "CT" else value.strip()
 
 
 def _load_folder(folder: str, require_labels: bool) -> Dataset:
@@ -219,7 +239,8 @@ def case_id_from_paths(image: str, label: Optional[str]) -> str:
     return re.sub(r"_0000$", "", strip_suffix(os.path.basename(os.path.normpath(base))))
 
 
-def _make_dataset(name: str, source: str, label_map: Dict[str, List[int]], pairs, require_labels: bool) -> Dataset:
+def _make_dataset(name: str, source: str, label_map: Dict[str, List[int]], pairs, require_labels: bool,
+                  modality: str = "CT") -> Dataset:
     cases: List[Case] = []
     seen: Dict[str, str] = {}
     for image, label, attributes in pairs:
@@ -232,7 +253,7 @@ def _make_dataset(name: str, source: str, label_map: Dict[str, List[int]], pairs
                              fix="give every case a unique file name; ContrastiveSeg names cases after their files")
         seen[case] = label or image
         cases.append(Case(case_id=f"{name}/{case}", image=image, label=label, dataset=name,
-                          label_map=dict(label_map), attributes=dict(attributes)))
+                          label_map=dict(label_map), attributes=dict(attributes), modality=modality))
     _check_segment_names(label_map, cases, source)
     return Dataset(name=name, source=source, label_map=label_map, cases=cases)
 

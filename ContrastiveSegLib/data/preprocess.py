@@ -210,6 +210,25 @@ def intensity_statistics(prepared_or_cases, targets: Sequence[str] = (), percent
             "std": float(clipped.std()), "voxels": int(pooled.size)}
 
 
+def ct_units(values: np.ndarray, target: np.ndarray, reference: Dict[str, float]) -> np.ndarray:
+    """A scan of another modality (MR) in CT-like units: linear, so that its labelled organs get ``reference``.
+
+    nnU-Net normalises each modality by its own statistics; a CT run's network reads HU, so an MR training
+    case is brought onto the CT cases' scale instead: the values inside ``target`` (> 0), clipped to their
+    0.5-99.5 percentiles, have mean m and standard deviation s, and every voxel becomes
+    ``(v - m) / s * reference["std"] + reference["mean"]``, rounded to whole units as CT's HU are.  Only the
+    scale moves: the organs keep the MR's contrast (an MR liver brighter than its spleen stays so, and fat
+    that is bright in MR becomes bright), so the case adds an anatomy, not a CT.  HU rules (the body mask,
+    gas, vessels) then act on these values.
+    """
+    stats = intensity_statistics([(values, target)])
+    if stats["std"] <= 0:
+        raise InputError("its labelled organs all have one intensity, so it cannot be brought onto CT units",
+                         fix="check that the image and the label belong together")
+    scaled = (np.asarray(values, dtype=np.float32) - stats["mean"]) / stats["std"] * reference["std"] + reference["mean"]
+    return np.round(scaled).astype(np.float32)
+
+
 def same_voxels_reordered(image: sitk.Image, label: sitk.Image, tolerance: float = 1e-3) -> bool:
     """True if ``label`` covers exactly the voxels of ``image``, only with axes flipped or permuted.
 
@@ -389,6 +408,8 @@ class CasePreparer:
             from .io import read_image
 
             image = read_image(case.image)
+        if not case.is_ct() and self.config.is_ct():
+            image = self._in_ct_units(case, image, target if with_label else None)
         data = {"image": MetaTensor(to_monai_array(sitk.GetArrayViewFromImage(image).astype(np.float32)),
                                     affine=affine_from_sitk(image))}
         if with_label:
@@ -405,6 +426,22 @@ class CasePreparer:
         return PreparedCase(case.case_id, image_array, label_array, np.asarray(out["image"].affine, dtype=np.float64),
                             body, padding_value(self.config), continued_axes(self.config))
 
+    def _in_ct_units(self, case: Case, image: sitk.Image, target: Optional[np.ndarray]) -> sitk.Image:
+        """A labelled training case of another modality in a CT run, mapped onto HU (:func:`ct_units`)."""
+        if target is None or not self.config.ct_units_reference:
+            raise InputError(f"is {case.modality}, and this run's network reads CT in HU; only a labelled "
+                             f"{case.modality} training case can be brought onto HU (from its organs' intensities)",
+                             path=case.image,
+                             fix="train on it together with at least one labelled CT, or leave it out; "
+                                 "predict reads CT only")
+        try:
+            values = ct_units(sitk.GetArrayViewFromImage(image), target, self.config.ct_units_reference)
+        except InputError as error:
+            raise InputError(error.problem, path=case.image, fix=error.fix) from None
+        mapped = sitk.GetImageFromArray(values)
+        mapped.CopyInformation(image)
+        return mapped
+
     # --- optional disk cache -------------------------------------------------------------------------
     def _cache_path(self, case: Case, with_label: bool) -> Optional[str]:
         if not self.cache_dir:
@@ -415,7 +452,8 @@ class CasePreparer:
                 info = os.stat(path)
                 stamp.append([os.path.abspath(path), info.st_size, info.st_mtime_ns])
         key = json.dumps([stamp, asdict(self.config), self.targets, self.pad_to, with_label,
-                          case.label_map, "body"], sort_keys=True, default=str)
+                          case.label_map, "body"] + ([] if case.is_ct() else [case.modality]),
+                         sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:20]
         return os.path.join(self.cache_dir, f"{digest}.npz")
 

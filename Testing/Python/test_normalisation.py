@@ -15,6 +15,7 @@ from conftest import REPO_ROOT, SAMPLE_DIR, tiny_config
 from ContrastiveSegLib.config import PreprocessConfig
 from ContrastiveSegLib.data.catalog import load_datasets
 from ContrastiveSegLib.data.preprocess import build_preprocess_transform, intensity_statistics
+from ContrastiveSegLib.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -200,3 +201,125 @@ def test_beyond_the_scan_looks_like_air_after_ct_zscore():
     sliding_window_probabilities(Recorder(), torch.zeros(1, 8, 8, 3), (8, 8, 6), fill=air)
     window = seen[0][0, 0].numpy()
     assert np.isclose(window, air).sum() == 8 * 8 * 3 and (window == 0.0).sum() == 8 * 8 * 3
+
+
+# --- a training case of another modality (MR) in a CT run --------------------------------------------------
+
+SAMPLE_MR = os.path.join(SAMPLE_DIR, "mr")
+
+
+def test_ct_units_give_the_organs_the_reference_mean_and_spread_by_hand():
+    from ContrastiveSegLib.data.preprocess import ct_units
+
+    # Organ voxels at 10 and 30 (mean 20, standard deviation 10; the percentile clip keeps both), air at 0.
+    values = np.array([[[0.0, 10.0, 30.0, 10.0, 30.0, 50.0]]], dtype=np.float32)
+    target = np.array([[[0, 1, 2, 1, 2, 0]]], dtype=np.uint8)
+    mapped = ct_units(values, target, {"mean": 40.0, "std": 35.0})
+    # (v - 20) / 10 * 35 + 40, rounded: 0 -> -30, 10 -> 5, 30 -> 75, 50 -> 145.
+    np.testing.assert_array_equal(mapped, np.array([[[-30.0, 5.0, 75.0, 5.0, 75.0, 145.0]]], dtype=np.float32))
+    with pytest.raises(InputError, match="one intensity"):
+        ct_units(values, (values == 10.0).astype(np.uint8), {"mean": 40.0, "std": 35.0})
+
+
+def test_dataset_modality_is_read_from_msd_and_nnunet_keys(tmp_path):
+    from ContrastiveSegLib.data.catalog import load_dataset
+
+    assert load_dataset(SAMPLE_DIR).cases[0].modality == "CT"
+    mr = load_dataset(SAMPLE_MR).cases[0]
+    assert mr.modality == "MR" and not mr.is_ct()
+    with open(os.path.join(SAMPLE_MR, "dataset.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    for key, value, expected in (("modality", {"0": "ct"}, "CT"), ("channel_names", {"0": "T2"}, "T2"),
+                                 ("modality", "MRI", "MRI"), ("modality", {"0": ""}, None)):
+        written = {k: v for k, v in meta.items() if k != "modality"}
+        written[key] = value
+        written["training"] = [{"image": os.path.join(SAMPLE_MR, e["image"]),
+                                "label": os.path.join(SAMPLE_MR, e["label"])} for e in meta["training"]]
+        path = tmp_path / f"{key}-{expected}.json"
+        path.write_text(json.dumps(written), encoding="utf-8")
+        if expected is None:
+            with pytest.raises(InputError, match="modality"):
+                load_dataset(str(path))
+        else:
+            assert load_dataset(str(path)).cases[0].modality == expected
+
+
+def _mr_and_ct_cases():
+    return [case for dataset in load_datasets([SAMPLE_DIR, SAMPLE_MR]) for case in dataset.cases]
+
+
+def test_an_mr_case_is_brought_onto_the_ct_cases_hu_scale():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.data.preprocess import CasePreparer
+    from ContrastiveSegLib.finetune import prepare_intensity_statistics
+
+    ct, mr = _mr_and_ct_cases()
+    organs = ["liver", "spleen", "stomach", "aorta"]
+    config = RunConfig()
+    config.preprocess.spacing = (3.0, 3.0, 3.0)
+    prepare_intensity_statistics(config, [ct, mr], organs)
+    reference = config.preprocess.ct_units_reference
+    # From the CT case alone: the MR's intensities are not HU.
+    expected = intensity_statistics([ct], organs)
+    assert reference == {"mean": expected["mean"], "std": expected["std"], "voxels": expected["voxels"]}
+    prepared = CasePreparer(config.preprocess, organs).prepare(mr)
+    # On the 3 mm grid of the MR itself nothing is resampled, so the organs' values are the mapped ones.
+    window_low, window_high = config.preprocess.window
+    hu = prepared.image[0] * (window_high - window_low) + window_low
+    organ_hu = hu[prepared.label[0] > 0]
+    inside = (organ_hu > window_low) & (organ_hu < window_high)
+    assert inside.mean() > 0.95
+    assert abs(float(np.median(organ_hu)) - reference["mean"]) < reference["std"]
+    # The raw MR read as HU would be another scale altogether (its liver at about 97, its fat at several hundred).
+    raw = CasePreparer(config.preprocess, organs).prepare(
+        type(mr)(**{**mr.__dict__, "case_id": "raw", "modality": "CT"}))
+    assert not np.array_equal(raw.image, prepared.image)
+
+
+def test_ct_zscore_statistics_count_the_ct_cases_only():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.finetune import prepare_intensity_statistics
+
+    ct, mr = _mr_and_ct_cases()
+    config = RunConfig()
+    config.preprocess.intensity = "ct_zscore"
+    prepare_intensity_statistics(config, [ct, mr], ["liver", "spleen"])
+    assert config.preprocess.intensity_stats == intensity_statistics([ct], ["liver", "spleen"])
+    plain = RunConfig()
+    prepare_intensity_statistics(plain, [ct], ["liver"])
+    assert plain.preprocess.ct_units_reference is None   # no MR case: nothing to map, nothing stored
+
+
+def test_mr_cases_that_cannot_be_mapped_are_refused_with_the_file_named():
+    from ContrastiveSegLib.config import RunConfig
+    from ContrastiveSegLib.data.preprocess import CasePreparer
+    from ContrastiveSegLib.finetune import prepare_intensity_statistics
+
+    ct, mr = _mr_and_ct_cases()
+    with pytest.raises(InputError, match="every training case is MR"):
+        prepare_intensity_statistics(RunConfig(), [mr], ["liver"])
+    config = RunConfig()
+    with pytest.raises(InputError, match="only a labelled MR") as raised:     # no reference: no CT case given
+        CasePreparer(config.preprocess, ["liver"]).prepare(mr)
+    assert raised.value.path == mr.image
+    prepare_intensity_statistics(config, [ct, mr], ["liver"])
+    with pytest.raises(InputError, match="only a labelled MR"):               # unlabelled: nothing to map by
+        CasePreparer(config.preprocess, ["liver"]).prepare(mr, with_label=False)
+    # An MR run (percentile normalisation) reads its MR as it is.
+    mr_run = RunConfig()
+    mr_run.preprocess.intensity = "percentile"
+    assert CasePreparer(mr_run.preprocess, ["liver"]).prepare(mr) is not None
+
+
+def test_finetune_on_a_ct_and_an_mr_saves_the_reference_and_predicts_ct_as_before(tmp_path):
+    from ContrastiveSegLib.finetune import run_finetune
+
+    config = tiny_config([SAMPLE_DIR, SAMPLE_MR], ["liver", "spleen"], max_steps=2)
+    run = tmp_path / "run"
+    run_finetune(config, str(run), progress=False)
+    with open(run / "config.json", encoding="utf-8") as handle:
+        saved = json.load(handle)["preprocess"]
+    ct = load_datasets([SAMPLE_DIR])[0].cases
+    stats = intensity_statistics(ct, ["liver", "spleen"])
+    assert saved["ct_units_reference"] == {"mean": stats["mean"], "std": stats["std"], "voxels": stats["voxels"]}
+    assert saved["intensity"] == "ct_window"   # the network still reads CT as every CT run does
