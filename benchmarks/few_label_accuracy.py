@@ -34,6 +34,10 @@ Training variants (each trained once per seed, same steps, same seeds, same mach
   patches a step instead of two (``--steps 400`` sees as many patches as the recipe's 800);
   ``slicer_cpu_before``: what the Slicer module trained on a CPU before its settings took ``--recipe
   few-label`` (the demo's network and grid with ``finetune``'s defaults; its 400 steps are ``--steps 400``).
+* ``gas_spatial_vessel_mr``: the demo's recipe trained on patient A and the sample MR (``sample_data/mr``, a
+  third patient, brought onto A's HU scale by ``finetune``); ``gas_spatial_vessel_oracle_b``: its positive
+  control, A and patient B itself, a leak by construction that shows what a second scan can be worth, never
+  a result.
 
 ``--init CKPT`` starts every run from a pre-training checkpoint (``finetune --init``), its encoder at
 ``--encoder-lr-scale S`` x lr (default: ``finetune``'s 0.1, as every earlier ``--init`` run; ``--recipe
@@ -133,8 +137,8 @@ VARIANTS = {
     "gas_spatial_vessel_spatialprob05": dict(RECIPE, spatial_prob=0.5),
     # The stomach enlarged or shrunk about its centre (linear 0.9-1.6) in half the patches.
     "gas_spatial_vessel_filling": dict(RECIPE, organ_filling_prob=0.5),
-    # A second labelled patient: the abdominal MR of the TotalSegmentator files, in CT-like units (see
-    # mr_training_dataset); needs --mr-root.
+    # A second labelled patient: the sample MR (a third patient), brought onto patient A's HU scale by finetune
+    # (its dataset says "modality": MR; data.preprocess.ct_units).
     "gas_spatial_vessel_mr": dict(RECIPE, second_scan="mr"),
     # The positive control of a second scan, not a result: patient B itself, the test patient, trained on with
     # A. A benchmark that cannot turn a second scan into Dice on B would show no gain here either.
@@ -148,36 +152,18 @@ VARIANTS = {
 }
 
 
-MR_IMAGE, MR_LABEL = "example_mr_sm.nii.gz", "example_seg_mr.nii.gz"
-
-
-def mr_training_dataset(mr_root: str, out: str) -> str:
-    """The abdominal MR of ``mr_root/totalsegmentator`` as a second labelled training scan: its dataset.json.
-
-    A patient neither A nor B (an MR series, 3 mm, 20 slices), labelled like A by TotalSegmentator (its MR
-    model).  The dataset says ``"modality": {"0": "MR"}``, so ``finetune`` brings it onto patient A's HU
-    scale (``data.preprocess.ct_units``).  Writes ``out/mr/dataset.json`` (the files stay where they are).
-    """
-    folder = os.path.join(out, "mr")
-    dataset = os.path.join(folder, "dataset.json")
-    source = os.path.join(os.path.abspath(mr_root), "totalsegmentator")
-    with open(os.path.join(source, "labels_total_mr.json"), encoding="utf-8") as handle:
-        names = json.load(handle)
-    os.makedirs(folder, exist_ok=True)
-    with open(dataset, "w", encoding="utf-8") as handle:
-        json.dump({"name": "totalsegmentator_mr", "reference": "TotalSegmentator test data, Apache-2.0",
-                   "modality": {"0": "MR"}, "labels": {"0": "background", **names},
-                   "training": [{"image": os.path.join(source, MR_IMAGE),
-                                 "label": os.path.join(source, MR_LABEL)}]}, handle, indent=1)
-    return dataset
+SAMPLE_DATA = os.path.join(ROOT, "ContrastiveSegLib", "sample_data")
+# What a variant's "second_scan" trains on with patient A.
+SECOND_SCANS = {"mr": os.path.join(SAMPLE_DATA, "mr", "dataset.json"),
+                "patient_b": os.path.join(SAMPLE_DATA, "heldout", "dataset.json")}
 
 
 def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_lr_scale=None,
                    second_dataset: str = ""):
     """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A.
 
-    ``second_dataset``: a dataset trained on with patient A's (``mr_training_dataset``), for the variants
-    whose ``second_scan`` asks for one.
+    ``second_dataset``: a dataset trained on with patient A's, for the variants whose ``second_scan`` asks
+    for one (``SECOND_SCANS``).
 
     ``init``: a pre-training checkpoint to start from (``finetune --init``; the encoder at
     ``encoder_lr_scale`` x lr; None: ``finetune``'s default of 0.1, which every ``--init`` run of the docs
@@ -214,7 +200,7 @@ def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_
     config.data.val_datasets = []
     if settings.get("second_scan"):
         if not second_dataset:
-            raise ValueError(f"variant {variant} trains on a second scan: give its dataset (--mr-root)")
+            raise ValueError(f"variant {variant} trains on a second scan: give its dataset")
         config.data.datasets = list(config.data.datasets) + [second_dataset]
     config.postprocess.choose_on = "training"
     return config
@@ -506,9 +492,6 @@ def main() -> int:
                              "selftrain_none); needs --unlabeled-root")
     parser.add_argument("--unlabeled-root", metavar="DATA",
                         help="with --selftrain-from: the data folder whose lidc/ holds lidc_0001-0003.nii.gz")
-    parser.add_argument("--mr-root", metavar="DATA",
-                        help="for the variants that train on a second scan (gas_spatial_vessel_mr): the data folder "
-                             f"whose totalsegmentator/ holds {MR_IMAGE} and {MR_LABEL}")
     parser.add_argument("--second-dataset", default="", help=argparse.SUPPRESS)
     parser.add_argument("--one-selftrain", nargs=2, metavar=("RUN", "ARM"), help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
@@ -566,13 +549,8 @@ def main() -> int:
     second_scans = {VARIANTS.get(variant, {}).get("second_scan") for variant in variants} - {None}
     if len(second_scans) > 1:
         parser.error(f"variants with different second scans ({', '.join(sorted(second_scans))}): run them apart")
-    if second_scans == {"patient_b"}:
-        second_dataset = os.path.join(ROOT, "ContrastiveSegLib", "sample_data", "heldout", "dataset.json")
-    elif second_scans == {"mr"}:
-        if not args.mr_root or not all(os.path.exists(os.path.join(args.mr_root, "totalsegmentator", name))
-                                       for name in (MR_IMAGE, MR_LABEL)):
-            parser.error(f"--mr-root must be a folder whose totalsegmentator/ holds {MR_IMAGE} and {MR_LABEL}")
-        second_dataset = mr_training_dataset(os.path.abspath(args.mr_root), out)
+    if second_scans:
+        second_dataset = SECOND_SCANS[second_scans.pop()]
     lock = threading.Lock()
     report = {}
 
