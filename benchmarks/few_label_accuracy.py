@@ -158,12 +158,10 @@ SECOND_SCANS = {"mr": os.path.join(SAMPLE_DATA, "mr", "dataset.json"),
                 "patient_b": os.path.join(SAMPLE_DATA, "heldout", "dataset.json")}
 
 
-def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_lr_scale=None,
-                   second_dataset: str = ""):
+def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_lr_scale=None):
     """The demo's settings with ``variant``'s recipe, no validation on patient B, the rule chosen on A.
 
-    ``second_dataset``: a dataset trained on with patient A's, for the variants whose ``second_scan`` asks
-    for one (``SECOND_SCANS``).
+    A variant with a ``second_scan`` also trains on that dataset (``SECOND_SCANS``).
 
     ``init``: a pre-training checkpoint to start from (``finetune --init``; the encoder at
     ``encoder_lr_scale`` x lr; None: ``finetune``'s default of 0.1, which every ``--init`` run of the docs
@@ -198,16 +196,14 @@ def variant_config(variant: str, seed: int, steps: int, init: str = "", encoder_
     config.train.val_every = 0
     config.train.checkpoint_every = 0
     config.data.val_datasets = []
-    if settings.get("second_scan"):
-        if not second_dataset:
-            raise ValueError(f"variant {variant} trains on a second scan: give its dataset")
-        config.data.datasets = list(config.data.datasets) + [second_dataset]
+    if "second_scan" in settings:
+        config.data.datasets = list(config.data.datasets) + [SECOND_SCANS[settings["second_scan"]]]
     config.postprocess.choose_on = "training"
     return config
 
 
 def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, init: str = "",
-            encoder_lr_scale=None, second_dataset: str = "") -> dict:
+            encoder_lr_scale=None) -> dict:
     """Train one variant with one seed into ``out``, score every row; the result as a dict."""
     import warnings
 
@@ -221,8 +217,7 @@ def run_one(variant: str, seed: int, steps: int, out: str, threads: int = 0, ini
         torch.set_num_threads(threads)
     run_dir = os.path.join(out, "run")
     started = time.perf_counter()
-    run_finetune(variant_config(variant, seed, steps, init, encoder_lr_scale, second_dataset), run_dir,
-                 progress=False)
+    run_finetune(variant_config(variant, seed, steps, init, encoder_lr_scale), run_dir, progress=False)
     train_seconds = time.perf_counter() - started
     model = load_model(run_dir, torch.device("cpu"), checkpoint="last")
     rows = score_rows(model, variant, out)
@@ -492,7 +487,6 @@ def main() -> int:
                              "selftrain_none); needs --unlabeled-root")
     parser.add_argument("--unlabeled-root", metavar="DATA",
                         help="with --selftrain-from: the data folder whose lidc/ holds lidc_0001-0003.nii.gz")
-    parser.add_argument("--second-dataset", default="", help=argparse.SUPPRESS)
     parser.add_argument("--one-selftrain", nargs=2, metavar=("RUN", "ARM"), help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -527,8 +521,7 @@ def main() -> int:
         variant, seed = args.one[0], int(args.one[1])
         folder = os.path.join(out, f"{variant}-seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads, args.init, args.encoder_lr_scale,
-                                 args.second_dataset)))
+        print(json.dumps(run_one(variant, seed, args.steps, folder, args.threads, args.init, args.encoder_lr_scale)))
         return 0
     os.makedirs(out, exist_ok=True)
     results = []
@@ -545,12 +538,6 @@ def main() -> int:
             baselines[int(os.path.basename(os.path.dirname(run_dir)).rsplit("-seed", 1)[1])] = run_dir
         seeds = [seed for seed in seeds if seed in baselines]
         variants = list(SELFTRAIN_ARMS)
-    second_dataset = ""
-    second_scans = {VARIANTS.get(variant, {}).get("second_scan") for variant in variants} - {None}
-    if len(second_scans) > 1:
-        parser.error(f"variants with different second scans ({', '.join(sorted(second_scans))}): run them apart")
-    if second_scans:
-        second_dataset = SECOND_SCANS[second_scans.pop()]
     lock = threading.Lock()
     report = {}
 
@@ -561,8 +548,6 @@ def main() -> int:
                        str(args.steps), "--out", out, "--threads", str(args.threads), "--init", args.init]
             if args.encoder_lr_scale is not None:
                 command += ["--encoder-lr-scale", str(args.encoder_lr_scale)]
-            if second_dataset:
-                command += ["--second-dataset", second_dataset]
             if baselines:
                 command = [sys.executable, os.path.abspath(__file__), "--one-selftrain", baselines[seed], variant,
                            "--steps", str(args.steps), "--out", out, "--threads", str(args.threads),
